@@ -1,0 +1,44 @@
+"""Atomic file writes: write a temporary file beside the target, then rename over it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import ArtifactError
+
+__all__ = ["atomic_write", "ensure_writable_dir"]
+
+
+def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` if needed and check it is a writable directory, with a clear error if not."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ArtifactError(f"cannot create output directory {str(out)!r}: {err.strerror}; "
+                            "choose a directory you can write to") from err
+    if not out.is_dir():
+        raise ArtifactError(f"output path {str(out)!r} exists and is not a directory; choose another --out")
+    if not os.access(out, os.W_OK):
+        raise ArtifactError(f"output directory {str(out)!r} is not writable; choose another --out "
+                            "or fix its permissions")
+    return out
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result to ``path`` atomically; nothing is left half-written."""
+    target = Path(path)
+    ensure_writable_dir(target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target

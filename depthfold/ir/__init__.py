@@ -1,0 +1,57 @@
+"""depthfold's IR: an ATen-level ``torch.fx.GraphModule`` from ``torch.export`` plus a networkx view."""
+
+from __future__ import annotations
+
+from . import ops
+from .capture import CapturedModel, capture, describe_inputs, normalize_inputs
+from .graph import (
+    META_DTYPE,
+    META_FROM,
+    META_MODULE_PATH,
+    META_MODULE_TYPE,
+    META_SHAPE,
+    annotate,
+    clone,
+    compute_nodes,
+    get_param,
+    is_shared,
+    ownership_problem,
+    module_path,
+    new_param,
+    prune_unused_attributes,
+    record_origin,
+    set_param,
+    shape_of,
+    to_module,
+)
+from .stats import graph_stats, op_histogram
+from .verify import (
+    TOLERANCE,
+    ErrorStats,
+    check_equivalent,
+    compare_outputs,
+    flatten_outputs,
+    locate_divergence,
+    random_inputs_like,
+    structural_check,
+)
+from .view import (
+    RepeatedBlocks,
+    ResidualBlock,
+    attention_sites,
+    immediate_dominators,
+    linear_chains,
+    repeated_blocks,
+    residual_blocks,
+    to_networkx,
+)
+
+__all__ = [
+    "CapturedModel", "ErrorStats", "META_DTYPE", "META_FROM", "META_MODULE_PATH", "META_MODULE_TYPE",
+    "META_SHAPE", "RepeatedBlocks", "ResidualBlock", "TOLERANCE", "annotate", "attention_sites",
+    "capture", "check_equivalent", "clone", "compare_outputs", "compute_nodes", "describe_inputs",
+    "flatten_outputs", "get_param", "graph_stats", "is_shared", "ownership_problem", "set_param", "immediate_dominators", "linear_chains",
+    "locate_divergence", "module_path", "new_param", "normalize_inputs", "op_histogram", "ops",
+    "prune_unused_attributes", "random_inputs_like", "record_origin", "repeated_blocks",
+    "residual_blocks", "shape_of", "structural_check", "to_module", "to_networkx",
+]
