@@ -15,13 +15,13 @@ __all__ = ["atomic_write", "ensure_writable_dir"]
 def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     """Create ``path`` if needed and check it is a writable directory, with a clear error if not."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output path {str(out)!r} exists and is not a directory; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ArtifactError(f"cannot create output directory {str(out)!r}: {err.strerror}; "
                             "choose a directory you can write to") from err
-    if not out.is_dir():
-        raise ArtifactError(f"output path {str(out)!r} exists and is not a directory; choose another --out")
     if not os.access(out, os.W_OK):
         raise ArtifactError(f"output directory {str(out)!r} is not writable; choose another --out "
                             "or fix its permissions")
@@ -37,6 +37,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # mkstemp creates 0600 files; give the artifact the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ nodes they share (by name, or through the ``depthfold.from`` lineage of a rewrit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -84,8 +85,12 @@ def compare_outputs(reference: Any, candidate: Any) -> ErrorStats:
         if tuple(r.shape) != tuple(c.shape):
             raise VerificationError(f"output #{i} shape changed: {tuple(r.shape)} -> {tuple(c.shape)}")
         r64, c64 = r.detach().double(), c.detach().double()
-        diff = (c64 - r64).abs()
-        scale = max(1.0, float(r64.abs().max())) if r64.numel() else 1.0
+        # A NaN or inf the reference does not have is an infinite error (NaN compares False with any
+        # tolerance, so it would pass); equal values, including matching infs and NaNs, are no error.
+        same = (c64 == r64) | (c64.isnan() & r64.isnan())
+        diff = torch.where(same, 0.0, (c64 - r64).abs().nan_to_num(nan=math.inf, posinf=math.inf))
+        finite = r64[r64.isfinite()]
+        scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
         max_abs = float(diff.max()) if diff.numel() else 0.0
         frac2 = float((diff > 1e-2).double().mean()) if diff.numel() else 0.0
         frac1 = float((diff > 1e-1).double().mean()) if diff.numel() else 0.0
@@ -112,7 +117,7 @@ def random_inputs_like(example_inputs: Sequence[torch.Tensor], count: int, *, se
             elif t.dtype == torch.bool:
                 batch.append(torch.rand(t.shape, generator=gen) > 0.5)
             else:
-                lo, hi = int(t.min()), int(t.max())
+                lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)  # min() of nothing raises
                 batch.append(torch.randint(lo, hi + 1, t.shape, generator=gen, dtype=t.dtype))
         batches.append(tuple(batch))
     return batches
@@ -124,13 +129,25 @@ def _tolerance(inputs: Sequence[Sequence[torch.Tensor]]) -> float:
 
 
 def check_equivalent(before: GraphModule, after: GraphModule, inputs: Sequence[Sequence[torch.Tensor]],
-                     *, rtol: float | None = None, what: str = "transformed graph") -> ErrorStats:
-    """Compare both graphs on every input tuple; raise ``VerificationError`` naming the diverging node."""
+                     *, rtol: float | None = None, what: str = "transformed graph",
+                     reference: Sequence[Any] | None = None) -> tuple[ErrorStats, list[Any]]:
+    """Compare both graphs on every input tuple; raise ``VerificationError`` naming the diverging node.
+
+    Args:
+        reference: ``before``'s outputs on ``inputs`` if already known (saves one forward per input).
+
+    Returns:
+        The worst error over all inputs, and ``after``'s outputs (the next check's ``reference``).
+    """
     tol = _tolerance(inputs) if rtol is None else rtol
     worst: list[ErrorStats] = []
+    outputs: list[Any] = []
     with torch.no_grad():
-        for batch in inputs:
-            stats = compare_outputs(before(*batch), after(*batch))
+        for i, batch in enumerate(inputs):
+            expected = reference[i] if reference is not None else before(*batch)
+            got = after(*batch)
+            outputs.append(got)
+            stats = compare_outputs(expected, got)
             worst.append(stats)
             if stats.max_rel > tol:
                 node, node_err = locate_divergence(before, after, batch, tol)
@@ -139,7 +156,7 @@ def check_equivalent(before: GraphModule, after: GraphModule, inputs: Sequence[S
                 raise VerificationError(
                     f"{what} is not equivalent to the original: output relative error "
                     f"{stats.max_rel:.2e} > tolerance {tol:.0e} (max abs {stats.max_abs:.3e}){where}")
-    return ErrorStats.worst(worst)
+    return ErrorStats.worst(worst), outputs
 
 
 class _Recorder(Interpreter):

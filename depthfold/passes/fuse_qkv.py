@@ -30,6 +30,7 @@ from .registry import register_pass
 __all__ = ["FuseQKVConfig", "fuse_qkv"]
 
 aten = torch.ops.aten
+_CONV_TARGET = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,11 @@ def _fuse(gm: GraphModule, source: Node, siblings: list[Node], key: tuple) -> Ch
             split_dim = -1
         else:
             p = ops.conv_params(first)
-            fused = gm.graph.call_function(first.target, (source, weight_node, bias_node, list(p.stride),
-                                                          list(p.padding), list(p.dilation), 1))
+            # The default overload takes integer padding; aten.convNd.padding (from padding="same"/"valid")
+            # takes a string, and p.padding is already normalised to integers here.
+            target = _CONV_TARGET[ops.spatial_dims(first)]
+            fused = gm.graph.call_function(target, (source, weight_node, bias_node, list(p.stride),
+                                                    list(p.padding), list(p.dilation), 1))
             split_dim = 1
         split = gm.graph.call_function(aten.split_with_sizes.default, (fused, sizes, split_dim))
         parts = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(siblings))]

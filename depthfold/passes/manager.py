@@ -56,6 +56,15 @@ class PipelineResult:
     records: list[PassRecord] = field(default_factory=list)
 
 
+@dataclass
+class _GraphState:
+    """What is already known about the current graph, so the next pass does not recompute it."""
+
+    stats: dict[str, int]
+    outputs: list[Any] | None
+    """Outputs on the check inputs, when the last pass was verified."""
+
+
 class PassManager:
     """Runs passes in order; ``max_steps > 1`` repeats the pipeline until no pass changes anything.
 
@@ -91,6 +100,7 @@ class PassManager:
         inputs = tuple(example_inputs)
         check_inputs = [inputs, *ir.random_inputs_like(inputs, self.random_inputs, seed=0)]
         current = gm
+        state = _GraphState(ir.graph_stats(gm, inputs), None)
         records: list[PassRecord] = []
         done_once: set[str] = set()
         steps = []
@@ -104,18 +114,18 @@ class PassManager:
             bar.update(1)
             if spec.info.idempotent and spec.name in done_once:
                 continue
-            record, current = self._run_one(index, spec, current, inputs, check_inputs,
-                                            [r.name for r in records])
+            record, current, state = self._run_one(index, spec, current, state, inputs, check_inputs,
+                                                   [r.name for r in records])
             records.append(record)
             done_once.add(spec.name)
             changed_in_step[step] = changed_in_step.get(step, False) or record.changed
         bar.close()
         return PipelineResult(current, records)
 
-    def _run_one(self, index: int, spec: PassSpec, gm: GraphModule, inputs: tuple[torch.Tensor, ...],
-                 check_inputs: list[tuple[torch.Tensor, ...]], previous: list[str]
-                 ) -> tuple[PassRecord, GraphModule]:
-        before = ir.graph_stats(gm, inputs)
+    def _run_one(self, index: int, spec: PassSpec, gm: GraphModule, state: _GraphState,
+                  inputs: tuple[torch.Tensor, ...], check_inputs: list[tuple[torch.Tensor, ...]],
+                  previous: list[str]) -> tuple[PassRecord, GraphModule, _GraphState]:
+        before = state.stats
         self._dump(index, spec.name, "before", gm)
         start = time.perf_counter()
         try:
@@ -131,13 +141,20 @@ class PassManager:
         out = result.graph_module
         out.recompile()
         ir.structural_check(out)
-        ir.annotate(out, inputs)
+        try:
+            ir.annotate(out, inputs)
+        except Exception as err:  # the new graph does not run: the pass is at fault, say which
+            text = str(err).strip()
+            raise PassError(f"pass {spec.name!r} produced a graph that fails on the example inputs: "
+                            f"{type(err).__name__}: {text.splitlines()[0] if text else ''}") from err
         exact = spec.info.exactness is Exactness.EXACT
         error = result.error
+        outputs = None
         if self.verify or not exact:
             try:
                 if exact:
-                    error = ir.check_equivalent(gm, out, check_inputs, what=f"the output of {spec.name!r}")
+                    error, outputs = ir.check_equivalent(gm, out, check_inputs, reference=state.outputs,
+                                                         what=f"the output of {spec.name!r}")
                 elif error is None:
                     with torch.no_grad():
                         error = ir.compare_outputs(gm(*inputs), out(*inputs))
@@ -154,7 +171,7 @@ class PassManager:
             name=spec.name, config=dataclasses.asdict(spec.config), exact=exact, changed=result.modified,
             changes=[c.to_dict() for c in result.changes], skipped=[s.to_dict() for s in result.skipped],
             error=error.to_dict() if error else None, seconds=seconds, before=before, after=after)
-        return record, out
+        return record, out, _GraphState(after, outputs)
 
     def _dump(self, index: int, name: str, when: str, gm: GraphModule) -> None:
         if self.dump_dir is not None:

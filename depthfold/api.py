@@ -1,0 +1,138 @@
+"""The user-facing entry point: ``depthfold.optimize(model, example_inputs, passes=[...])``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from . import ir
+from ._atomic import atomic_write, ensure_writable_dir
+from .backends import latency as latency_mod
+from .backends import onnx as onnx_backend
+from .backends import ort
+from .passes import PassManager, PassRecord
+from .report import new_report, render_markdown
+
+__all__ = ["EXACT_PASSES", "OptimizeResult", "optimize"]
+
+logger = logging.getLogger(__name__)
+
+EXACT_PASSES: tuple[str, ...] = ("fold_bn", "merge_linear_chains", "fuse_qkv")
+"""The default pipeline: every exact pass, in the order that lets each enable the next."""
+
+
+@dataclass
+class OptimizeResult:
+    """What :func:`optimize` returns: the optimized module, the per-pass records and the report."""
+
+    module: GraphModule
+    """The optimized model: a runnable, trainable ``nn.Module`` (an fx ``GraphModule``)."""
+    original: GraphModule
+    """The captured original, for comparisons (the user's own object is untouched)."""
+    example_inputs: tuple[torch.Tensor, ...]
+    records: list[PassRecord]
+    report: dict[str, Any]
+    """JSON-serialisable: per pass name, exact, changed, max_abs_error, seconds, nodes/params/FLOPs."""
+
+    def export_onnx(self, path: str | Path, *, verify: bool = True) -> onnx_backend.OnnxArtifact:
+        """Write the optimized model as ONNX (atomically; checked; verified against torch in ONNX Runtime)."""
+        artifact = onnx_backend.export_onnx(self.module, self.example_inputs, path, verify=verify)
+        self.report["onnx"] = {"file": Path(artifact.path).name, **artifact.to_dict()}
+        return artifact
+
+    def measure(self, *, device: str = "cpu", threads: int = 1, rounds: int = 20, warmup: int = 3
+                ) -> dict[str, Any]:
+        """Time the original and the optimized model in ONNX Runtime, interleaved; store it in the report."""
+        sessions = {
+            name: ort.create_session(onnx_backend.to_onnx_model(gm, self.example_inputs), device=device,
+                                     threads=threads)
+            for name, gm in (("original", self.original), ("optimized", self.module))
+        }
+        feeds = {name: ort.feeds(session, self.example_inputs) for name, session in sessions.items()}
+        result = latency_mod.compare_interleaved(
+            {name: (lambda s=session, f=feeds[name]: s.run(None, f)) for name, session in sessions.items()},
+            rounds=rounds, warmup=warmup, baseline="original", threads=threads, backend="onnxruntime",
+            device=device)
+        speedups = [1.0 / r for r in result["ratios"]["optimized"]["samples"]]
+        summary = {
+            "backend": "onnxruntime", "device": device, "threads": threads, "rounds": rounds,
+            "measurements": {k: m.to_dict() for k, m in result["measurements"].items()},
+            "speedup": {"median": latency_mod.quantile(speedups, 0.5),
+                        "p10": latency_mod.quantile(speedups, 0.1),
+                        "p90": latency_mod.quantile(speedups, 0.9)},
+        }
+        self.report["latency"] = summary
+        return summary
+
+    def save(self, out_dir: str | Path, *, measure: bool = False) -> dict[str, Path]:
+        """Write ``model.onnx``, ``report.json`` and ``report.md`` to ``out_dir`` (each atomically)."""
+        out = ensure_writable_dir(out_dir)
+        self.export_onnx(out / "model.onnx")
+        if measure:
+            self.measure()
+        text = json.dumps(self.report, indent=2, default=_json_default)
+        json_path = atomic_write(out / "report.json", lambda p: p.write_text(text + "\n"))
+        md_path = atomic_write(out / "report.md", lambda p: p.write_text(render_markdown(self.report)))
+        return {"onnx": out / "model.onnx", "report_json": json_path, "report_md": md_path}
+
+
+def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = EXACT_PASSES, *,
+             verify: bool = True, max_steps: int = 1, random_inputs: int = 2,
+             dump_dir: str | Path | None = None, progress: bool = False) -> OptimizeResult:
+    """Capture ``model``, run ``passes`` on it and verify the result; the user's model is never modified.
+
+    Args:
+        model: a trained ``nn.Module`` (a private eval-mode copy is captured with ``torch.export``).
+        example_inputs: a tensor or tuple of tensors at deployment shapes.
+        passes: pass names, ``"name:key=value,..."`` specs, or ``(name, config)`` tuples.
+        verify: check every exact pass numerically, and the whole pipeline against the original.
+        max_steps: repeat the pipeline until nothing changes, at most this many times.
+        random_inputs: random input sets used for verification besides the example inputs.
+        dump_dir: write each pass's graph code before and after there.
+        progress: show a progress bar over the passes.
+
+    Raises:
+        ConfigError: bad inputs, an unknown pass or a malformed spec.
+        CaptureError: the model cannot be captured.
+        VerificationError: an exact pass changed the outputs (names the pass and the node).
+        PassError: a pass failed.
+    """
+    manager = PassManager(passes, max_steps=max_steps, verify=verify, random_inputs=random_inputs,
+                          dump_dir=dump_dir, progress=progress)
+    captured = ir.capture(model, example_inputs)
+    original = captured.graph_module
+    inputs = captured.example_inputs
+    pipeline = manager.run(original, inputs)
+    verification: dict[str, Any] = {}
+    if verify:
+        check = [inputs, *ir.random_inputs_like(inputs, random_inputs, seed=1)]
+        all_exact = all(r.exact for r in pipeline.records)
+        if all_exact:
+            stats, _ = ir.check_equivalent(original, pipeline.graph_module, check, what="the optimized model")
+        else:
+            with torch.no_grad():
+                stats = ir.ErrorStats.worst(ir.compare_outputs(original(*b), pipeline.graph_module(*b))
+                                            for b in check)
+        verification = {**stats.to_dict(), "inputs": len(check), "exact_pipeline": all_exact}
+    report = new_report(
+        captured.model_name, inputs, [r.to_dict() for r in pipeline.records],
+        ir.graph_stats(original, inputs), ir.graph_stats(pipeline.graph_module, inputs), verification)
+    return OptimizeResult(pipeline.graph_module, original, inputs, pipeline.records, report)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

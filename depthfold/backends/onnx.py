@@ -1,0 +1,353 @@
+"""Export a captured model to ONNX (``torch.onnx.export(dynamo=True)``), check it and verify it in ONNX Runtime.
+
+An ONNX file is written only after ``onnx.checker.check_model(full_check=True)`` passes and, with
+``verify=True``, after ONNX Runtime (CPU) reproduces ``module(*example_inputs)`` on the example inputs. The
+file is written through a temporary file and renamed, so a failed export or verification leaves nothing at
+the target path.
+
+The exporter's own optimizer (onnxscript: constant folding, BatchNorm-into-Conv folding, removal of
+``Expand``/``CastLike`` shape plumbing) runs by default (``optimize=True``); see ``docs/backends.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from .._atomic import atomic_write
+from ..errors import ArtifactError, ConfigError, VerificationError
+from ..ir import flatten_outputs
+
+__all__ = ["OnnxArtifact", "to_onnx_model", "export_onnx", "to_numpy"]
+
+logger = logging.getLogger(__name__)
+
+# Protobuf refuses to serialise a message over 2 GiB; the weights must then go to external data files.
+_PROTO_LIMIT_BYTES = 2**31 - 1
+# Logger namespaces the exporter chats on (torchvision-missing notices, torch.export graph dumps, version-converter
+# tracebacks): while exporting, their records are captured and re-logged at DEBUG on this module's logger instead of reaching the console.
+_EXPORTER_LOGGERS = ("torch", "onnxscript", "onnx_ir")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass(frozen=True)
+class OnnxArtifact:
+    """An ONNX file that passed the checker and, unless ``verify=False``, matched the module in ORT."""
+
+    path: Path
+    """Where the model was written (weights inside the file)."""
+    input_names: tuple[str, ...]
+    """Graph input names, in the order inputs are fed."""
+    output_names: tuple[str, ...]
+    """Graph output names, in the order of the module's flattened outputs."""
+    opset: int
+    """Version of the default (``ai.onnx``) opset the model uses."""
+    max_abs_error: float | None
+    """Largest absolute difference between ORT and PyTorch over all outputs; None when not verified."""
+    max_rel_error: float | None
+    """Largest ``max_abs / max(1, max|ref|)`` over the outputs (error relative to the output scale); None when
+    not verified."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (path as a string)."""
+        return {"path": str(self.path), "input_names": list(self.input_names),
+                "output_names": list(self.output_names), "opset": self.opset,
+                "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error}
+
+
+def to_numpy(value: torch.Tensor | np.ndarray, *, name: str = "input") -> np.ndarray:
+    """Convert a tensor (any device) to a contiguous NumPy array; arrays pass through unchanged."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.dtype == torch.bfloat16:
+            raise ConfigError(f"{name} is bfloat16, which NumPy (and so ONNX Runtime's Python API) cannot hold; "
+                              "cast it to float32 or float16 first")
+        return np.ascontiguousarray(t.cpu().numpy())
+    raise ConfigError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[_Capture]:
+    """Keep the exporter's stdout/stderr prints, warnings and log chatter off the console (library code never
+    prints); everything is re-logged at DEBUG on this module's logger."""
+    capture = _Capture()
+    saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
+    # torch installs its own stderr handlers (on "torch", "torch.onnx", ...) with propagate=False, so route
+    # every logger of these namespaces that has handlers to the capture, then restore them exactly.
+    existing = [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    for lg in existing:
+        if lg.handlers and any(lg.name == ns or lg.name.startswith(ns + ".") for ns in _EXPORTER_LOGGERS):
+            saved.append((lg, lg.handlers, lg.propagate))
+            lg.handlers, lg.propagate = [], True
+    for name in _EXPORTER_LOGGERS:
+        lg = logging.getLogger(name)
+        if not any(entry[0] is lg for entry in saved):
+            saved.append((lg, lg.handlers, lg.propagate))
+        lg.handlers, lg.propagate = [capture], False
+    stdout, stderr = io.StringIO(), io.StringIO()
+    caught: list[warnings.WarningMessage] = []
+    try:
+        # torch.export prints the failing graph to stderr itself, the exporter its progress to stdout.
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout), \
+                contextlib.redirect_stderr(stderr):
+            warnings.simplefilter("always")
+            yield capture
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers = handlers
+            lg.propagate = propagate
+        for line in (stdout.getvalue() + stderr.getvalue()).splitlines():
+            logger.debug("exporter: %s", line)
+        for w in caught:
+            logger.debug("exporter warning: %s: %s", w.category.__name__, w.message)
+        for rec in capture.records:
+            logger.debug("exporter log %s %s: %s", rec.name, rec.levelname, rec.getMessage())
+
+
+def _describe_export_failure(err: BaseException) -> str:
+    """Name the failing op and node, if the exporter's exception chain says, and the deepest cause."""
+    chain = _exception_chain(err)
+    text = _ANSI.sub("", "\n".join(str(e) for e in chain))
+    parts = []
+    node = re.search(r"translating node %([\w.]+)", text)
+    op = re.search(r"OpOverload\(op='([^']+)', overload='([^']+)'\)", text)
+    if op:
+        parts.append(f"op '{op.group(1)}.{op.group(2)}'")
+    else:
+        target = re.search(r"target=((?:torch\.ops\.)?[\w]+\.[\w.]+)", text)
+        if target:
+            parts.append(f"op '{target.group(1).removeprefix('torch.ops.')}'")
+    if node:
+        parts.append(f"node '{node.group(1)}'")
+    deepest = chain[-1]
+    first_line = next((ln.strip() for ln in _ANSI.sub("", str(deepest)).splitlines() if ln.strip()), "")
+    where = f" at {' / '.join(parts)}" if parts else ""
+    return f"{where}: {type(deepest).__name__}: {first_line}"
+
+
+def _exception_chain(err: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    cur: BaseException | None = err
+    while cur is not None and not any(cur is seen for seen in chain):
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return chain
+
+
+def _export_failure_hint(err: BaseException) -> str:
+    if any(type(e).__name__ == "TorchExportError" for e in _exception_chain(err)):
+        return ("torch.export could not capture the model (often data-dependent control flow or shapes); "
+                "make it capturable with torch.export.export(model, args) first, e.g. torch.cond for branches")
+    return ("If the op has no ONNX translation, try another opset (opset=...) or replace it in the model; "
+            "otherwise report it to PyTorch (component: onnx) with torch.onnx.export(..., report=True)")
+
+
+def _opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ArtifactError("exported ONNX model declares no default (ai.onnx) opset; this is an exporter bug, "
+                        "please report it")
+
+
+def _initializer_bytes(program: Any) -> int:
+    total = 0
+    for value in program.model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += int(getattr(tensor, "nbytes", 0))
+    return total
+
+
+def to_onnx_model(
+    module: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    opset: int | None = None,
+    optimize: bool = True,
+) -> onnx.ModelProto:
+    """Export ``module`` to an in-memory ONNX model with weights inside and check it.
+
+    Args:
+        module: Any ``nn.Module``; in practice ``torch.export.export(model, args).module()``. Not modified.
+        example_inputs: Positional inputs; their shapes and dtypes become the model's (static) input types.
+        opset: Default-domain opset to target; None: the exporter's recommended one.
+        optimize: Run the exporter's onnxscript optimizer (constant folding, BN-into-Conv, shape-op cleanup).
+            Keep it on for deployment; turn it off to see a pass's effect that the optimizer would duplicate.
+
+    Returns:
+        A ``ModelProto`` that passed ``onnx.checker.check_model(full_check=True)``.
+
+    Raises:
+        ConfigError: ``opset`` is not a positive integer.
+        ArtifactError: export failed (naming the op when the exporter says), the requested opset could not be
+            produced, the weights exceed the 2 GiB protobuf limit, or the checker rejected the model.
+    """
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 1):
+        raise ConfigError(f"opset must be a positive integer or None, got {opset!r}")
+    args = _as_tuple(example_inputs)
+    if not isinstance(module, torch.fx.GraphModule) and module.training and any(
+            isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+            for m in module.modules()):
+        logger.warning("exporting %s in training mode: BatchNorm/Dropout are exported with their training "
+                       "behaviour; call .eval() first for inference", type(module).__name__)
+    with _quiet_exporter() as capture:
+        try:
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, optimize=optimize,
+                                        external_data=False)
+        except Exception as err:
+            raise ArtifactError(
+                f"ONNX export of {type(module).__name__} failed{_describe_export_failure(err)}. "
+                f"{_export_failure_hint(err)}"
+            ) from err
+    if program is None:  # only the legacy TorchScript exporter returns None
+        raise ArtifactError("torch.onnx.export returned no ONNXProgram; depthfold needs the dynamo exporter")
+    size = _initializer_bytes(program)
+    if size > _PROTO_LIMIT_BYTES:
+        raise ArtifactError(f"model weights take {size / 2**30:.2f} GiB, over the 2 GiB ONNX protobuf limit; "
+                            "depthfold keeps weights inside the .onnx file, so export a smaller model")
+    model = program.model_proto
+    got = _opset_of(model)
+    if opset is not None and got != opset:
+        converter_msgs = [r.getMessage() for r in capture.records if "version" in r.getMessage().lower()]
+        why = f" ({converter_msgs[-1].splitlines()[0]})" if converter_msgs else ""
+        raise ArtifactError(f"opset {opset} was requested but the exporter produced opset {got}: the version "
+                            f"converter could not convert the model{why}; use opset >= {got} or opset=None")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as err:  # ValidationError, InferenceError: both mean the exported model is invalid
+        raise ArtifactError(f"exported ONNX model of {type(module).__name__} fails onnx.checker: "
+                            f"{str(err).strip().splitlines()[0]}; please report this exporter bug") from err
+    logger.debug("exported %s to ONNX opset %d: %d nodes, %d initializer bytes", type(module).__name__, got,
+                 len(model.graph.node), size)
+    return model
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise ConfigError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}; "
+                      "write (x,) for a single tensor")
+
+
+def _compare(names: Sequence[str], got: Sequence[np.ndarray], ref: Sequence[torch.Tensor],
+             rtol: float) -> tuple[float, float]:
+    """Return (max_abs, max_scaled) over outputs; raise VerificationError naming the worst output."""
+    if len(got) != len(ref):
+        raise VerificationError(f"ONNX model returns {len(got)} outputs but the module returns {len(ref)} "
+                                "tensors; the export dropped or added outputs")
+    max_abs, worst, worst_name = 0.0, 0.0, ""
+    for name, g, r in zip(names, got, ref, strict=True):
+        r_np = to_numpy(r.float() if r.dtype == torch.bfloat16 else r, name=f"output {name!r}")
+        if tuple(g.shape) != tuple(r_np.shape):
+            raise VerificationError(f"output {name!r}: ONNX Runtime shape {list(g.shape)} differs from "
+                                    f"PyTorch shape {list(r_np.shape)}")
+        g64, r64 = g.astype(np.float64), r_np.astype(np.float64)
+        diff = np.abs(g64 - r64)
+        both_nan = np.isnan(g64) & np.isnan(r64)
+        diff = np.where(both_nan, 0.0, np.nan_to_num(diff, nan=np.inf))
+        abs_err = float(diff.max()) if diff.size else 0.0
+        scale = max(1.0, float(np.nanmax(np.abs(r64)))) if r64.size and not np.all(np.isnan(r64)) else 1.0
+        scaled = abs_err / scale
+        max_abs = max(max_abs, abs_err)
+        if scaled > worst or not worst_name:
+            worst, worst_name = scaled, name
+    if not worst <= rtol:
+        raise VerificationError(f"ONNX Runtime output {worst_name!r} differs from PyTorch by {worst:.3g} relative "
+                                f"to the output scale (max_abs / max(1, max|ref|)), over rtol={rtol:g}; "
+                                "the exported model is not written")
+    return max_abs, worst
+
+
+def export_onnx(
+    module: nn.Module,
+    example_inputs: tuple[Any, ...],
+    path: str | Path,
+    *,
+    opset: int | None = None,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    optimize: bool = True,
+) -> OnnxArtifact:
+    """Export ``module`` to an ONNX file at ``path``, checked and (by default) verified in ONNX Runtime.
+
+    Args:
+        module: The model; in practice a GraphModule from ``torch.export``. Not modified.
+        example_inputs: Positional example inputs, also used for verification.
+        path: Target file; written atomically, parent directories created.
+        opset: Default-domain opset; None: the exporter's choice.
+        verify: Run the written file in ONNX Runtime (CPU) and compare with ``module(*example_inputs)``.
+        rtol: Largest accepted ``max_abs / max(1, max|ref|)`` per output.
+        optimize: Run the exporter's optimizer (see :func:`to_onnx_model`).
+
+    Returns:
+        The OnnxArtifact with names, opset and the measured error (None when ``verify=False``).
+
+    Raises:
+        ConfigError: ``rtol`` is negative or NaN, or bad ``opset``/inputs.
+        ArtifactError: export or checker failure, or ``path`` cannot be written.
+        VerificationError: ORT's outputs differ beyond ``rtol``; no file is left at ``path``.
+    """
+    if not isinstance(rtol, (int, float)) or isinstance(rtol, bool) or not rtol >= 0:
+        raise ConfigError(f"rtol must be a number >= 0, got {rtol!r}")
+    target = Path(path)
+    if target.is_dir():
+        raise ArtifactError(f"{str(target)!r} is a directory; pass a file path such as "
+                            f"{str(target / 'model.onnx')!r}")
+    args = _as_tuple(example_inputs)
+    model = to_onnx_model(module, args, opset=opset, optimize=optimize)
+    input_names = tuple(i.name for i in model.graph.input)
+    output_names = tuple(o.name for o in model.graph.output)
+    errors: list[tuple[float, float]] = []
+
+    def write(tmp: Path) -> None:
+        onnx.save_model(model, str(tmp))
+        if verify:
+            errors.append(_verify_file(tmp, module, args, output_names, rtol))
+
+    try:
+        atomic_write(target, write)
+    except OSError as err:
+        raise ArtifactError(f"cannot write ONNX model to {str(target)!r}: {err.strerror or err}; "
+                            "choose a writable file path") from err
+    max_abs, max_rel = errors[0] if errors else (None, None)
+    logger.info("wrote %s (opset %d, %d nodes%s)", target, _opset_of(model), len(model.graph.node),
+                f", max rel error {max_rel:.2g}" if max_rel is not None else ", not verified")
+    return OnnxArtifact(path=target, input_names=input_names, output_names=output_names, opset=_opset_of(model),
+                        max_abs_error=max_abs, max_rel_error=max_rel)
+
+
+def _verify_file(file: Path, module: nn.Module, args: tuple[Any, ...], output_names: Sequence[str],
+                 rtol: float) -> tuple[float, float]:
+    from . import ort  # onnxruntime is imported only where it is used
+
+    with torch.no_grad():
+        ref = flatten_outputs(module(*args))
+    session = ort.create_session(file, device="cpu", threads=1)
+    got = ort.run(session, flatten_outputs(args))
+    return _compare(output_names, got, ref, rtol)

@@ -1,0 +1,239 @@
+"""ONNX Runtime sessions on the CPU and CUDA execution providers, with fixed threading for stable timings.
+
+Sessions use ``intra_op_num_threads=threads``, ``inter_op_num_threads=1`` and sequential execution, so a
+latency number is tied to a known thread count (recorded in every :class:`Measurement`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import onnx
+import torch
+
+from .._atomic import ensure_writable_dir
+from ..errors import ArtifactError, BackendUnavailableError, ConfigError, suggest
+from .base import DEVICES, Inputs, Target, host_arch
+from .latency import Measurement, time_callable
+from .onnx import OnnxArtifact, export_onnx, to_numpy
+
+if TYPE_CHECKING:
+    import onnxruntime
+    from torch import nn
+
+__all__ = ["available_providers", "default_device", "create_session", "feeds", "run", "measure", "session_device",
+           "session_threads", "check_session_args", "OrtBackend", "GRAPH_OPTIMIZATIONS"]
+
+logger = logging.getLogger(__name__)
+
+GRAPH_OPTIMIZATIONS: tuple[str, ...] = ("disable", "basic", "extended", "all")
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+# ONNX Runtime's input type strings -> NumPy dtypes (the ones models here use).
+_ORT_DTYPES = {
+    "tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16), "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32), "tensor(int16)": np.dtype(np.int16),
+    "tensor(int8)": np.dtype(np.int8), "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise BackendUnavailableError("onnxruntime is not installed; pip install onnxruntime "
+                                      "(or onnxruntime-gpu for CUDA)") from err
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers, e.g. ``["CPUExecutionProvider"]``."""
+    return list(_ort().get_available_providers())
+
+
+def default_device() -> str:
+    """``"cuda"`` if the CUDA execution provider is available, else ``"cpu"``."""
+    return "cuda" if _PROVIDERS["cuda"] in available_providers() else "cpu"
+
+
+def check_session_args(*, device: str, threads: int, graph_optimization: str) -> None:
+    """Validate :func:`create_session` settings without building anything (cheap; call before an export).
+
+    Raises:
+        ConfigError: unknown device or optimization level, ``threads < 1``.
+        BackendUnavailableError: ``device="cuda"`` but this onnxruntime has no CUDA execution provider.
+    """
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; known: {', '.join(DEVICES)}{suggest(str(device), DEVICES)}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be an integer >= 1, got {threads!r}; fix it so timings are comparable")
+    if graph_optimization not in GRAPH_OPTIMIZATIONS:
+        raise ConfigError(f"unknown graph_optimization {graph_optimization!r}; known: "
+                          f"{', '.join(GRAPH_OPTIMIZATIONS)}{suggest(str(graph_optimization), GRAPH_OPTIMIZATIONS)}")
+    available = available_providers()
+    if device == "cuda" and _PROVIDERS["cuda"] not in available:
+        raise BackendUnavailableError(
+            f"device='cuda' needs ONNX Runtime's CUDAExecutionProvider, but this onnxruntime offers only "
+            f"{available}; install the onnxruntime-gpu package (instead of onnxruntime) on a machine with "
+            "a CUDA GPU, or use device='cpu'")
+
+
+def create_session(
+    model: str | Path | bytes | onnx.ModelProto,
+    *,
+    device: str = "cpu",
+    threads: int = 1,
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all",
+    profile_dir: Path | None = None,
+) -> onnxruntime.InferenceSession:
+    """Create an ONNX Runtime session with fixed threading on ``device``.
+
+    Args:
+        model: A file path, serialized bytes or a ``ModelProto``.
+        device: ``"cpu"`` or ``"cuda"`` (CUDA EP first, CPU EP for ops it lacks).
+        threads: ``intra_op_num_threads``; ``inter_op_num_threads`` is 1 and execution sequential.
+        graph_optimization: ORT graph optimization level.
+        profile_dir: If set, ORT profiling is on and ``session.end_profiling()`` writes a JSON trace there.
+
+    Raises:
+        ConfigError: unknown device or optimization level, ``threads < 1``.
+        BackendUnavailableError: ``device="cuda"`` but the CUDA EP is missing or failed to load.
+        ArtifactError: the model file is missing or ONNX Runtime cannot load the model.
+    """
+    ort = _ort()
+    check_session_args(device=device, threads=threads, graph_optimization=graph_optimization)
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    providers = [_PROVIDERS["cuda"], _PROVIDERS["cpu"]] if device == "cuda" else [_PROVIDERS["cpu"]]
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = levels[graph_optimization]
+    opts.log_severity_level = 3  # errors only: ORT's warnings go to stderr, and library code stays quiet
+    if profile_dir is not None:
+        out = ensure_writable_dir(profile_dir)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(out / "ort_profile")
+
+    source: str | bytes
+    if isinstance(model, onnx.ModelProto):
+        source = model.SerializeToString()
+    elif isinstance(model, (bytes, bytearray)):
+        source = bytes(model)
+    elif isinstance(model, (str, Path)):
+        if not Path(model).is_file():
+            raise ArtifactError(f"ONNX model file {str(model)!r} does not exist; export one with "
+                                "depthfold.backends.export_onnx")
+        source = str(model)
+    else:
+        raise ConfigError(f"model must be a path, bytes or onnx.ModelProto, got {type(model).__name__}")
+    try:
+        session = ort.InferenceSession(source, sess_options=opts, providers=providers)
+    except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types, all meaning "cannot load"
+        where = repr(str(model)) if isinstance(model, (str, Path)) else "the model"
+        raise ArtifactError(f"ONNX Runtime cannot load {where}: {str(err).strip().splitlines()[0]}") from err
+    if device == "cuda" and session.get_providers()[0] != _PROVIDERS["cuda"]:
+        # ORT silently falls back to CPU when the CUDA/cuDNN libraries fail to load.
+        raise BackendUnavailableError(
+            "CUDAExecutionProvider is installed but failed to initialise (session fell back to "
+            f"{session.get_providers()}); check that the CUDA and cuDNN versions match onnxruntime-gpu")
+    logger.debug("ORT session on %s: providers=%s threads=%d inter_op=1 sequential graph_optimization=%s",
+                 device, session.get_providers(), threads, graph_optimization)
+    return session
+
+
+def session_device(session: onnxruntime.InferenceSession) -> str:
+    """``"cuda"`` if the session's first provider is the CUDA EP, else ``"cpu"``."""
+    return "cuda" if session.get_providers()[0] == _PROVIDERS["cuda"] else "cpu"
+
+
+def session_threads(session: onnxruntime.InferenceSession) -> int:
+    """The session's intra-op thread count (0: ORT's default, not fixed)."""
+    return int(session.get_session_options().intra_op_num_threads)
+
+
+def _shape_str(shape: Sequence[Any]) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
+
+
+def feeds(session: onnxruntime.InferenceSession, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Map positional inputs to the session's inputs, checking count, shape and dtype."""
+    expected = session.get_inputs()
+    if isinstance(inputs, (torch.Tensor, np.ndarray)):
+        inputs = [inputs]
+    if len(inputs) != len(expected):
+        names = [i.name for i in expected]
+        raise ConfigError(f"the model takes {len(expected)} input(s) {names}, got {len(inputs)}; "
+                          "pass them positionally in that order")
+    feed: dict[str, np.ndarray] = {}
+    for spec, value in zip(expected, inputs, strict=True):
+        arr = to_numpy(value, name=f"input {spec.name!r}")
+        want_shape = list(spec.shape)
+        shape_ok = len(want_shape) == arr.ndim and all(
+            not isinstance(w, int) or w == g for w, g in zip(want_shape, arr.shape, strict=True))
+        want_dtype = _ORT_DTYPES.get(spec.type)
+        if not shape_ok or (want_dtype is not None and arr.dtype != want_dtype):
+            want = f"{_shape_str(want_shape)} {want_dtype or spec.type}"
+            raise ConfigError(f"input {spec.name!r}: expected shape {want}, got {_shape_str(list(arr.shape))} "
+                              f"{arr.dtype}")
+        feed[spec.name] = arr
+    return feed
+
+
+def run(session: onnxruntime.InferenceSession, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
+    """Run ``session`` on positional ``inputs`` and return all outputs as NumPy arrays.
+
+    Raises:
+        ConfigError: wrong number of inputs, or an input whose shape or dtype differs from the model's.
+    """
+    return list(session.run(None, feeds(session, inputs)))
+
+
+def measure(session: onnxruntime.InferenceSession, inputs: Sequence[torch.Tensor | np.ndarray], *,
+            warmup: int = 5, repeat: int = 20) -> Measurement:
+    """Time ``session.run`` on ``inputs`` with the shared latency helper (feeds are prepared once, untimed)."""
+    feed = feeds(session, inputs)
+    return time_callable(lambda: session.run(None, feed), warmup=warmup, repeat=repeat,
+                         threads=session_threads(session), backend="onnxruntime",
+                         device=session_device(session))
+
+
+class OrtBackend:
+    """The :class:`~depthfold.backends.base.Backend` for ONNX Runtime: ONNX file -> session on this host."""
+
+    name = "onnxruntime"
+
+    def __init__(self, *, threads: int = 1, graph_optimization: Literal["disable", "basic", "extended", "all"]
+                 = "all", opset: int | None = None, rtol: float = 1e-4) -> None:
+        self.threads = threads
+        self.graph_optimization = graph_optimization
+        self.opset = opset
+        self.rtol = rtol
+
+    def export(self, gm: nn.Module, example_inputs: tuple[torch.Tensor, ...], out_dir: Path) -> OnnxArtifact:
+        return export_onnx(gm, example_inputs, Path(out_dir) / "model.onnx", opset=self.opset, rtol=self.rtol)
+
+    def compile(self, artifact: OnnxArtifact, target: Target) -> onnxruntime.InferenceSession:
+        if target.arch != host_arch():
+            raise BackendUnavailableError(
+                f"onnxruntime runs models on this {host_arch()} machine only, not {target.arch}; "
+                "use the tvm backend to cross-compile for another architecture")
+        return create_session(artifact.path, device=target.device, threads=self.threads,
+                              graph_optimization=self.graph_optimization)
+
+    def run(self, compiled: onnxruntime.InferenceSession, inputs: Inputs) -> list[np.ndarray]:
+        return run(compiled, inputs)
+
+    def measure(self, compiled: onnxruntime.InferenceSession, inputs: Inputs, *, warmup: int = 5,
+                repeat: int = 20) -> Measurement:
+        return measure(compiled, inputs, warmup=warmup, repeat=repeat)

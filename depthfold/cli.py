@@ -1,0 +1,233 @@
+"""The ``depthfold`` command line: ``optimize``, ``bench`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, DepthfoldError
+
+__all__ = ["main", "split_pass_list", "load_model"]
+
+logger = logging.getLogger("depthfold.cli")
+
+
+def split_pass_list(text: str) -> list[str]:
+    """Split ``"fold_bn,layermerge:speedup=1.8,mode=depth,fuse_qkv"`` into pass specs.
+
+    A comma-separated item with ``=`` but no ``:`` is another option of the previous pass.
+    """
+    specs: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item:
+            if not specs:
+                raise ConfigError(f"pass list {text!r} starts with an option ({item!r}); "
+                                  "write 'name:key=value'")
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise ConfigError(f"--input-shape {text!r} must be integers like 1,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise ConfigError(f"--input-shape {text!r} must be positive integers like 1,3,224,224")
+    return shape
+
+
+def load_model(spec: str, *, resolution: int | None = None, input_shape: str | None = None,
+               pretrained: str | None = None) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
+    """Resolve ``zoo:NAME`` or ``path/to/file.py:factory`` into (model, example inputs, display name).
+
+    A factory returns a model, or ``(model, example_inputs)``; otherwise ``--input-shape`` is needed.
+    """
+    if spec.startswith("zoo:"):
+        from . import zoo
+
+        name = spec[4:]
+        if pretrained == "digits":
+            model = zoo.pretrained_digits(name, resolution=resolution or 32)
+            inputs = zoo.example_inputs(name, resolution=resolution or 32)
+        elif pretrained:
+            raise ConfigError(f"--pretrained {pretrained!r} is not available; the zoo offers 'digits'")
+        else:
+            model = zoo.create(name)
+            inputs = zoo.example_inputs(name, resolution=resolution)
+        return model, inputs, name
+    path_text, sep, factory_name = spec.rpartition(":")
+    if not sep or not path_text.endswith(".py"):
+        raise ConfigError(f"model {spec!r} must be 'zoo:NAME' or 'path/to/file.py:factory'")
+    path = Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"model file {str(path)!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_depthfold_user_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"cannot import {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ConfigError(f"{str(path)!r} has no callable {factory_name!r}")
+    made = factory()
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        model, inputs = made
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    elif isinstance(made, nn.Module):
+        if input_shape is None:
+            raise ConfigError(f"{factory_name}() returned only a model; pass --input-shape 1,3,224,224 "
+                              "or return (model, example_inputs)")
+        model, inputs = made, (torch.randn(_parse_shape(input_shape)),)
+    else:
+        raise ConfigError(f"{factory_name}() must return an nn.Module or (model, example_inputs), "
+                          f"got {type(made).__name__}")
+    return model, inputs, f"{path.stem}:{factory_name}"
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from .api import EXACT_PASSES, optimize
+
+    model, inputs, name = load_model(args.model, resolution=args.resolution, input_shape=args.input_shape,
+                                     pretrained=args.pretrained)
+    passes = split_pass_list(args.passes) if args.passes else list(EXACT_PASSES)
+    result = optimize(model, inputs, passes, max_steps=args.max_steps, dump_dir=args.dump_dir,
+                      progress=not args.quiet)
+    result.report["model"]["name"] = name
+    paths = result.save(args.out, measure=args.measure)
+    summary = result.report["summary"]
+    print(f"{name}: nodes {summary['before']['nodes']} -> {summary['after']['nodes']}, "
+          f"params {summary['before']['params']:,} -> {summary['after']['params']:,}; "
+          f"max relative error {summary['verification'].get('max_rel', float('nan')):.2e}")
+    if "latency" in result.report:
+        print(f"ORT latency speed-up: {result.report['latency']['speedup']['median']:.3f}x")
+    for key, path in paths.items():
+        print(f"wrote {path}  ({key})")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .backends import latency, ort
+
+    files = [Path(args.artifact), *(Path(p) for p in args.compare)]
+    sessions = {str(f): ort.create_session(f, device=args.device, threads=args.threads) for f in files}
+    rng = np.random.default_rng(0)
+    feeds = {name: ort.feeds(s, [_random_input(i, rng) for i in s.get_inputs()]) for name, s in sessions.items()}
+    result = latency.compare_interleaved(
+        {name: (lambda s=s, f=feeds[name]: s.run(None, f)) for name, s in sessions.items()},
+        rounds=args.repeat, warmup=args.warmup, threads=args.threads, backend="onnxruntime", device=args.device)
+    rows = []
+    for name, m in result["measurements"].items():
+        ratio = result["ratios"][name]
+        rows.append({"artifact": name, "median_ms": m.median_ms, "p90_ms": m.p90_ms, "min_ms": m.min_ms, "n": m.n,
+                     "ratio_vs_first": ratio["median"], "ratio_p10": ratio["p10"], "ratio_p90": ratio["p90"]})
+        print(f"{name}: median {m.median_ms:.3f} ms, p90 {m.p90_ms:.3f} ms, n={m.n}, "
+              f"{args.threads} thread(s), {args.device}"
+              + (f"; x{ratio['median']:.3f} of {files[0].name}" if name != str(files[0]) else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _random_input(info: Any, rng: Any) -> Any:
+    import numpy as np
+
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in info.shape]
+    if "int" in info.type:
+        return rng.integers(0, 100, size=shape, dtype=np.int64)
+    if "bool" in info.type:
+        return rng.random(shape) > 0.5
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .api import EXACT_PASSES, optimize
+    from .zoo import data, train
+
+    print(f"depthfold demo: ResNet-18 trained on scikit-learn digits ({args.resolution}x{args.resolution}), "
+          f"passes {', '.join(EXACT_PASSES)}")
+    model = train.pretrained_digits("resnet18", resolution=args.resolution, progress=not args.quiet)
+    _, test_set = data.digits_datasets(resolution=args.resolution)
+    inputs = (test_set.tensors[0][:1].clone(),)
+    result = optimize(model, inputs, EXACT_PASSES, progress=not args.quiet)
+    result.report["model"]["name"] = f"zoo:resnet18 (digits {args.resolution}x{args.resolution})"
+    result.report["accuracy"] = {
+        "dataset": "scikit-learn digits, held-out split",
+        "original": train.evaluate_accuracy(result.original, test_set),
+        "optimized": train.evaluate_accuracy(result.module, test_set),
+    }
+    paths = result.save(args.out, measure=True)
+    acc = result.report["accuracy"]
+    summary = result.report["summary"]
+    print(f"nodes {summary['before']['nodes']} -> {summary['after']['nodes']}; accuracy "
+          f"{acc['original']:.4f} -> {acc['optimized']:.4f}; ORT CPU speed-up "
+          f"{result.report['latency']['speedup']['median']:.3f}x (median of "
+          f"{result.report['latency']['rounds']} interleaved rounds)")
+    for key, path in paths.items():
+        print(f"wrote {path}  ({key})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="depthfold", description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    opt = sub.add_parser("optimize", help="optimize a model and write model.onnx + report")
+    opt.add_argument("model", help="zoo:NAME or path/to/file.py:factory")
+    opt.add_argument("--passes", help="comma-separated pass specs (default: every exact pass)")
+    opt.add_argument("--out", required=True, help="output directory")
+    opt.add_argument("--resolution", type=int, help="input resolution for zoo vision models")
+    opt.add_argument("--input-shape", help="input shape for a factory that returns only a model")
+    opt.add_argument("--pretrained", choices=["digits"], help="train (or load cached) zoo weights on digits")
+    opt.add_argument("--max-steps", type=int, default=1, help="repeat the pipeline until nothing changes")
+    opt.add_argument("--dump-dir", help="write graph code before/after each pass here")
+    opt.add_argument("--measure", action="store_true", help="also time original vs optimized in ORT")
+    opt.set_defaults(func=_cmd_optimize)
+
+    bench = sub.add_parser("bench", help="time ONNX artifacts in ONNX Runtime (interleaved)")
+    bench.add_argument("artifact", help="model.onnx")
+    bench.add_argument("--compare", nargs="*", default=[], help="more .onnx files to time against it")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--threads", type=int, default=1)
+    bench.add_argument("--repeat", type=int, default=50)
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--json", help="also write the numbers to this JSON file")
+    bench.set_defaults(func=_cmd_bench)
+
+    demo = sub.add_parser("demo", help="end-to-end run on a built-in model")
+    demo.add_argument("--out", default="out/demo")
+    demo.add_argument("--resolution", type=int, default=32)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("torch", "onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return int(args.func(args))
+    except DepthfoldError as err:
+        print(f"depthfold: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

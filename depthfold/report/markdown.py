@@ -1,0 +1,74 @@
+"""Render a report dict as markdown: a pass table, sizes before and after, verification, latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["render_markdown"]
+
+
+def _num(value: float | int | None) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.3g}"
+
+
+def _delta(before: int, after: int) -> str:
+    if before == 0:
+        return f"{_num(before)} → {_num(after)}"
+    return f"{_num(before)} → {_num(after)} ({(after - before) / before:+.1%})"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown page."""
+    model = report["model"]
+    inputs = ", ".join(f"{tuple(i['shape'])} {i['dtype']}" for i in model["inputs"])
+    lines = [f"# depthfold report: {model['name']}", "",
+             f"Inputs: {inputs}. depthfold {report['depthfold']}, torch {report['environment']['torch']}, "
+             f"created {report['created']}.", ""]
+    summary = report["summary"]
+    lines += ["## Summary", "", "| | before → after |", "|---|---|"]
+    for key in ("nodes", "params", "flops"):
+        lines.append(f"| {key} | {_delta(summary['before'][key], summary['after'][key])} |")
+    ver = summary.get("verification") or {}
+    if ver:
+        lines.append(f"| max relative error vs original | {_num(ver.get('max_rel'))} "
+                     f"({ver.get('inputs', '?')} input sets) |")
+    lines += ["", "## Passes", "",
+              "| pass | kind | changed | rewrites | skipped | max abs error | seconds | nodes |",
+              "|---|---|---|---|---|---|---|---|"]
+    for rec in report["passes"]:
+        err = rec["error"]["max_abs"] if rec.get("error") else None
+        lines.append(f"| `{rec['name']}` | {'exact' if rec['exact'] else 'approximate'} | "
+                     f"{'yes' if rec['changed'] else 'no'} | {len(rec['changes'])} | {len(rec['skipped'])} | "
+                     f"{_num(err)} | {rec['seconds']:.2f} | {rec['before']['nodes']} → {rec['after']['nodes']} |")
+    skips = [(rec["name"], s) for rec in report["passes"] for s in rec["skipped"]]
+    if skips:
+        lines += ["", "### Sites left alone", ""]
+        shown = skips[:30]
+        lines += [f"- `{name}` at `{s['site']}`: {s['reason']}" for name, s in shown]
+        if len(skips) > len(shown):
+            lines.append(f"- … and {len(skips) - len(shown)} more (see report.json)")
+    accuracy = report.get("accuracy")
+    if accuracy:
+        lines += ["", "## Accuracy", "", f"{accuracy['dataset']}: original {accuracy['original']:.4f}, "
+                  f"optimized {accuracy['optimized']:.4f}."]
+    onnx_info = report.get("onnx")
+    if onnx_info:
+        lines += ["", "## ONNX artifact", "",
+                  f"`{onnx_info['file']}`: opset {onnx_info['opset']}, "
+                  f"ONNX Runtime vs torch max abs error {_num(onnx_info.get('max_abs_error'))} "
+                  f"(relative {_num(onnx_info.get('max_rel_error'))})."]
+    latency = report.get("latency")
+    if latency:
+        lines += ["", f"## Latency ({latency['backend']}, {latency['device']}, {latency['threads']} thread(s), "
+                  f"{latency['rounds']} interleaved rounds)", "",
+                  "| model | median ms | p90 ms | n |", "|---|---|---|---|"]
+        for name, m in latency["measurements"].items():
+            lines.append(f"| {name} | {m['median_ms']:.3f} | {m['p90_ms']:.3f} | {m['n']} |")
+        sp = latency["speedup"]
+        lines += ["", f"Speed-up (median of per-round ratios): **{sp['median']:.3f}×** "
+                  f"(p10 {sp['p10']:.3f}, p90 {sp['p90']:.3f})."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,142 @@
+"""ONNX Runtime sessions: fixed threading, input checking, devices, profiling, the Backend protocol."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from depthfold.backends import (
+    OrtBackend,
+    Target,
+    available_providers,
+    create_session,
+    default_device,
+    measure,
+    run,
+)
+from depthfold.backends.base import host_arch
+from depthfold.backends.ort import session_device, session_threads
+from depthfold.errors import ArtifactError, BackendUnavailableError, ConfigError
+
+HAS_CUDA_EP = "CUDAExecutionProvider" in available_providers()
+
+
+def test_create_session_fixes_threads_and_sequential_execution(exported) -> None:
+    import onnxruntime as ort
+
+    session = create_session(exported.artifact.path, threads=2, graph_optimization="basic")
+    opts = session.get_session_options()
+    assert opts.intra_op_num_threads == 2 and session_threads(session) == 2
+    assert opts.inter_op_num_threads == 1
+    assert opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert session.get_providers() == ["CPUExecutionProvider"] and session_device(session) == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["path", "str", "bytes", "proto"])
+def test_create_session_accepts_every_model_form(exported, kind: str) -> None:
+    path = exported.artifact.path
+    model = {"path": path, "str": str(path), "bytes": path.read_bytes(), "proto": onnx.load(str(path))}[kind]
+    (out,) = run(create_session(model), [exported.x])
+    with torch.no_grad():
+        np.testing.assert_allclose(out, exported.gm(exported.x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_run_wrong_shape_names_input_and_both_shapes(exported) -> None:
+    session = create_session(exported.artifact.path)
+    with pytest.raises(ConfigError) as info:
+        run(session, [torch.randn(1, 3, 9, 9)])
+    msg = str(info.value)
+    assert "'x'" in msg and "[2, 3, 8, 8]" in msg and "[1, 3, 9, 9]" in msg
+
+
+def test_run_wrong_dtype_and_count(exported) -> None:
+    session = create_session(exported.artifact.path)
+    with pytest.raises(ConfigError, match=r"'x'.*float32.*float64"):
+        run(session, [exported.x.double()])
+    with pytest.raises(ConfigError, match=r"takes 1 input\(s\) \['x'\], got 2"):
+        run(session, [exported.x, exported.x])
+    # NumPy arrays are accepted as they are.
+    (out,) = run(session, [exported.x.numpy()])
+    assert out.shape == (2, 10)
+
+
+def test_create_session_rejects_bad_settings(exported, tmp_path) -> None:
+    path = exported.artifact.path
+    with pytest.raises(ConfigError, match="did you mean 'extended'"):
+        create_session(path, graph_optimization="extend")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="threads"):
+        create_session(path, threads=0)
+    with pytest.raises(ConfigError, match="did you mean 'cuda'"):
+        create_session(path, device="cude")
+    with pytest.raises(ArtifactError, match="does not exist"):
+        create_session(tmp_path / "missing.onnx")
+    with pytest.raises(ArtifactError, match="cannot load"):
+        create_session(b"not an onnx model")
+
+
+@pytest.mark.skipif(HAS_CUDA_EP, reason="CUDAExecutionProvider is present; the missing-EP error cannot happen")
+def test_create_session_cuda_without_ep_names_the_package(exported) -> None:
+    assert default_device() == "cpu"
+    with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
+        create_session(exported.artifact.path, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_EP, reason="needs onnxruntime-gpu's CUDAExecutionProvider")
+def test_cuda_session_runs_model(exported) -> None:
+    assert default_device() == "cuda"
+    session = create_session(exported.artifact.path, device="cuda")
+    assert session_device(session) == "cuda"
+    (out,) = run(session, [exported.x])
+    with torch.no_grad():
+        np.testing.assert_allclose(out, exported.gm(exported.x).numpy(), rtol=1e-3, atol=1e-4)
+    m = measure(session, [exported.x], warmup=1, repeat=3)
+    assert m.device == "cuda" and m.n == 3
+
+
+def test_profile_dir_receives_ort_trace(exported, tmp_path) -> None:
+    session = create_session(exported.artifact.path, profile_dir=tmp_path / "prof")
+    run(session, [exported.x])
+    trace = session.end_profiling()
+    files = list((tmp_path / "prof").iterdir())
+    assert len(files) == 1 and files[0].name == trace.split("/")[-1]
+    events = json.loads(files[0].read_text())
+    assert any(e.get("cat") == "Node" for e in events)
+
+
+def test_measure_records_settings(exported) -> None:
+    session = create_session(exported.artifact.path, threads=1)
+    m = measure(session, [exported.x], warmup=2, repeat=7)
+    assert m.n == 7 and m.warmup == 2 and m.threads == 1
+    assert m.backend == "onnxruntime" and m.device == "cpu"
+    assert all(s > 0 for s in m.samples_ms)
+    with pytest.raises(ConfigError, match="repeat"):
+        measure(session, [exported.x], repeat=0)
+
+
+def test_ort_backend_protocol_round_trip(captured, tmp_path) -> None:
+    gm, x = captured
+    backend = OrtBackend(threads=1)
+    artifact = backend.export(gm, (x,), tmp_path)
+    assert artifact.path == tmp_path / "model.onnx" and artifact.max_rel_error is not None
+    session = backend.compile(artifact, Target.host())
+    (out,) = backend.run(session, [x])
+    with torch.no_grad():
+        np.testing.assert_allclose(out, gm(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert backend.measure(session, [x], warmup=0, repeat=2).n == 2
+    other = "aarch64" if host_arch() == "x86" else "x86"
+    with pytest.raises(BackendUnavailableError, match="tvm"):
+        backend.compile(artifact, Target(arch=other))  # type: ignore[arg-type]
+
+
+def test_target_validates_fields() -> None:
+    assert str(Target()) == "x86-cpu"
+    with pytest.raises(ConfigError, match="did you mean 'x86'"):
+        Target(arch="x86_64")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="did you mean 'cuda'"):
+        Target(device="gpu_cuda")  # type: ignore[arg-type]
