@@ -18,7 +18,7 @@ from depthfold import ir, zoo
 from depthfold.backends.onnx import export_onnx
 
 GOLDEN = Path(__file__).parent / "golden"
-SMALL = {"vit_tiny": {"image_size": 32, "patch_size": 8}}
+SMALL = {"vit_tiny": {"img_size": 32, "patch_size": 8}}
 
 
 def _model_and_inputs(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:

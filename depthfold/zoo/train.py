@@ -46,11 +46,11 @@ CODE_VERSION = 1
 """Bump when model definitions, data or training recipes change, so stale cached weights are not reused."""
 
 DEFAULT_DIGITS_EPOCHS: dict[str, int] = {
-    "resnet18": 6,
-    "resnet34": 8,
-    "resnet50": 10,
-    "mobilenetv2_100": 15,
-    "mobilenetv2_140": 15,
+    "resnet18": 3,
+    "resnet34": 4,
+    "resnet50": 6,
+    "mobilenetv2_100": 10,
+    "mobilenetv2_140": 10,
     "vgg19_bn": 8,
     "vit_tiny": 30,
 }

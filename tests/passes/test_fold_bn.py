@@ -76,7 +76,7 @@ def conv_bn_cases(draw: st.DrawFn) -> dict:
     }
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(conv_bn_cases())
 def test_fold_bn_conv_property(case: dict) -> None:
     torch.manual_seed(case["seed"])

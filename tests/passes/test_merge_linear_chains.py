@@ -193,7 +193,7 @@ def abstract_chain(specs: list[ConvSpec]) -> tuple[Abstract, ...]:
     return tuple(Abstract(s.k == (1, 1), any(s.padding), s.bias or s.bn) for s in specs)
 
 
-@settings(max_examples=45, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(conv_chains())
 def test_merge_linear_chains_random_conv_chains(chain: tuple[list[ConvSpec], tuple[int, int], int]) -> None:
     specs, size, seed = chain
@@ -234,7 +234,7 @@ def pointwise_then_padded(draw: st.DrawFn) -> tuple[list[ConvSpec], tuple[int, i
     return [first, second], size, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(pointwise_then_padded())
 def test_merge_linear_chains_bias_free_pointwise_before_padded_conv_property(chain) -> None:  # type: ignore[no-untyped-def]
     specs, size, seed = chain
