@@ -9,6 +9,7 @@ also captures Hugging Face models, which ``symbolic_trace`` cannot.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from ..errors import CaptureError, ConfigError
 from .graph import META_MODULE_PATH, META_MODULE_TYPE, annotate
 
 __all__ = ["CapturedModel", "capture", "normalize_inputs", "describe_inputs"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +81,13 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None
         raise CaptureError(f"could not copy {name} (depthfold never modifies your model, so it works "
                            f"on a copy): {err}. Make the model deep-copyable (no open files, locks "
                            "or generators as attributes).") from err
+    config = getattr(private, "config", None)
+    if getattr(config, "use_cache", False):
+        # Hugging Face decoders return a KV-cache object by default, which torch.export cannot
+        # output; the logits do not depend on it. Only the private copy is changed.
+        config.use_cache = False
+        logger.info("capture: set config.use_cache=False on the private copy of %s (KV-cache outputs "
+                    "are not captured)", name)
     try:
         with torch.no_grad():
             private(*inputs)
@@ -144,6 +154,9 @@ def _explain_export_failure(name: str, err: BaseException) -> str:
     if "data-dependent" in lowered or "guardondatadependent" in lowered or "could not guard" in lowered:
         hint = ("the model branches or sizes tensors on tensor *values*; rewrite that control flow with "
                 "torch.cond / torch.where, or pass dynamic_shapes=... if it depends on input sizes")
+    elif "register a pytree" in lowered or "not a known type" in lowered:
+        hint = ("forward() returns an object torch.export cannot flatten; return tensors, tuples or "
+                "dicts of tensors (for Hugging Face models, pass return_dict=False or disable caches)")
     elif "unsupported" in lowered or "not supported" in lowered:
         hint = "replace the unsupported Python construct or op there with a traceable torch equivalent"
     else:

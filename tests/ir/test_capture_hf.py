@@ -1,0 +1,43 @@
+"""Hugging Face models capture with torch.export and go through the exact pipeline (no downloads: config-built)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import depthfold
+
+transformers = pytest.importorskip("transformers")
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_bert_qkv_fused_and_output_type_kept():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    model = transformers.BertModel(config).eval()
+    res = depthfold.optimize(model, (_ids(),))
+    fuse = next(r for r in res.records if r.name == "fuse_qkv")
+    assert len(fuse.changes) == 2  # one Q/K/V fusion per layer
+    assert all(c["sizes"] == [32, 32, 32] for c in fuse.changes)
+    out = res.module(_ids())
+    assert type(out).__name__ == type(model(_ids())).__name__
+    torch.testing.assert_close(out.last_hidden_state, model(_ids()).last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+def test_llama_decoder_captures_without_touching_the_users_cache_setting():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert model.config.use_cache
+    res = depthfold.optimize(model, (_ids(),))
+    assert model.config.use_cache, "the user's model config must not change"
+    fuse = next(r for r in res.records if r.name == "fuse_qkv")
+    kinds = sorted(tuple(c["sizes"]) for c in fuse.changes)
+    assert kinds == [(32, 16, 16), (32, 16, 16), (64, 64), (64, 64)]  # q/k/v (GQA) and gate/up per layer
+    torch.testing.assert_close(res.module(_ids()).logits, model(_ids(), use_cache=False).logits,
+                               rtol=1e-4, atol=1e-5)
