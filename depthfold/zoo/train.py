@@ -49,19 +49,18 @@ DEFAULT_DIGITS_EPOCHS: dict[str, int] = {
     "resnet18": 3,
     "resnet34": 4,
     "resnet50": 6,
-    "mobilenetv2_100": 10,
-    "mobilenetv2_140": 10,
-    "vgg19_bn": 8,
+    "mobilenetv2_100": 15,
+    "mobilenetv2_140": 15,
+    "vgg19_bn": 6,
     "vit_tiny": 30,
 }
 """Epochs ``pretrained_digits`` trains when ``epochs`` is not given."""
 
-_DIGITS_LR: dict[str, float] = {"vit_tiny": 1e-3, "vgg19_bn": 5e-4}
+_DIGITS_LR: dict[str, float] = {"vit_tiny": 1e-3, "vgg19_bn": 1e-4}
 _DIGITS_DEFAULT_LR = 2e-3
 _DIGITS_BATCH = 64
 _TEXT_SEQ_LEN = 64
 _TEXT_BATCH = 32
-
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -74,14 +73,31 @@ def cache_path(stem: str, payload: dict[str, Any]) -> Path:
     return cache_dir("zoo") / f"{stem}-{_digest({**payload, 'code_version': CODE_VERSION})}.pt"
 
 
+def _check_state(state: object, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Check a loaded object is a finite state dict with exactly ``expected``'s keys and shapes."""
+    if not isinstance(state, dict):
+        raise TypeError(f"expected a state dict, found {type(state).__name__}")
+    if state.keys() != expected.keys():
+        missing = sorted(expected.keys() - state.keys())
+        unexpected = sorted(state.keys() - expected.keys())
+        raise KeyError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.shape != expected[key].shape:
+            raise ValueError(f"entry {key!r} is not a tensor of shape {tuple(expected[key].shape)}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"entry {key!r} holds NaN or infinite values")
+    return state
+
+
 def _try_load(model: nn.Module, path: Path) -> bool:
-    """Load cached weights into ``model``; delete a corrupt or mismatched file and return False."""
+    """Load cached weights into ``model``; delete a corrupt or mismatched file and return False.
+
+    The file is checked in full before anything is copied, so on failure ``model`` is untouched.
+    """
     if not path.is_file():
         return False
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise TypeError(f"expected a state dict, found {type(state).__name__}")
+        state = _check_state(torch.load(path, map_location="cpu", weights_only=True), model.state_dict())
         model.load_state_dict(state, strict=True)
     except Exception as err:
         # Damaged bytes make torch.load raise almost anything (UnpicklingError, RuntimeError, IndexError,
@@ -227,22 +243,22 @@ def pretrained_digits(
     epochs = DEFAULT_DIGITS_EPOCHS.get(name, 10) if epochs is None else epochs
     if epochs < 1:
         raise ConfigError(f"epochs must be at least 1, got {epochs}")
-    path = cache_path(f"{name}-digits-r{resolution}-s{seed}",
-                      {"name": name, "task": "digits", "resolution": resolution, "seed": seed,
-                       "kwargs": kwargs, "epochs": epochs})
+    lr = _DIGITS_LR.get(name, _DIGITS_DEFAULT_LR)
+    key = {"name": name, "task": "digits", "resolution": resolution, "seed": seed, "kwargs": kwargs,
+           "epochs": epochs, "lr": lr, "batch_size": _DIGITS_BATCH}
+    path = cache_path(f"{name}-digits-r{resolution}-s{seed}", key) if use_cache else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = create(name, **kwargs)
-        if use_cache and _try_load(model, path):
+        if path is not None and _try_load(model, path):
             return model.eval()
         train, test = digits_datasets(resolution, channels=int(kwargs.get("in_chans", 3)), seed=seed)
         start = time.perf_counter()
-        _train_classifier(model, train, epochs=epochs, lr=_DIGITS_LR.get(name, _DIGITS_DEFAULT_LR),
-                          seed=seed, progress=progress, desc=name)
+        _train_classifier(model, train, epochs=epochs, lr=lr, seed=seed, progress=progress, desc=name)
         acc = evaluate_accuracy(model, test)
     logger.info("trained %s on digits at %dx%d: %d epochs, %.1f s, test accuracy %.4f",
                 name, resolution, resolution, epochs, time.perf_counter() - start, acc)
-    if use_cache:
+    if path is not None:
         _save(model, path)
     return model.eval()
 
@@ -299,14 +315,13 @@ def pretrained_text(
         raise ConfigError(f"steps must be at least 1, got {steps}")
     corpus = text_corpus()
     train, val = split_corpus(corpus)
-    path = cache_path(f"{name}-text-s{seed}",
-                      {"name": name, "task": "text", "seed": seed, "kwargs": model_kwargs, "steps": steps,
-                       "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
-                       "corpus": hashlib.sha256(corpus).hexdigest()})
+    key = {"name": name, "task": "text", "seed": seed, "kwargs": model_kwargs, "steps": steps,
+           "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "corpus": hashlib.sha256(corpus).hexdigest()}
+    path = cache_path(f"{name}-text-s{seed}", key) if use_cache else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = create(name, **model_kwargs)
-        if use_cache and _try_load(model, path):
+        if path is not None and _try_load(model, path):
             return model.eval()
         start = time.perf_counter()
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -324,6 +339,6 @@ def pretrained_text(
         ppl = evaluate_perplexity(model, val, seq_len)
     logger.info("trained %s on text: %d steps, %.1f s, validation perplexity %.2f",
                 name, steps, time.perf_counter() - start, ppl)
-    if use_cache:
+    if path is not None:
         _save(model, path)
     return model.eval()

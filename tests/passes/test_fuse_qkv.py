@@ -116,7 +116,7 @@ class ParallelConvs(nn.Module):
 
 def test_fuse_qkv_parallel_pointwise_convs() -> None:
     torch.manual_seed(0)
-    _, gm, record = fuse(ParallelConvs(), torch.randn(1, 6, 5, 5))
+    _, gm, record = fuse(ParallelConvs(), torch.randn(1, 6, 5, 5), "fuse_qkv:fuse_convs=true")
     assert hist(gm)[CONV] == 1
     (change,) = record.changes
     assert change["kind"] == "conv" and change["sizes"] == [4, 5, 6]
@@ -126,14 +126,14 @@ def test_fuse_qkv_parallel_pointwise_convs() -> None:
 def test_fuse_qkv_convs_with_string_padding(padding: str) -> None:
     # nn.Conv2d(padding="same"/"valid") exports as aten.conv2d.padding, whose padding argument is a string.
     torch.manual_seed(0)
-    _, gm, record = fuse(ParallelConvs((3, 3), padding=padding), torch.randn(1, 6, 5, 5))
+    _, gm, record = fuse(ParallelConvs((3, 3), padding=padding), torch.randn(1, 6, 5, 5), "fuse_qkv:fuse_convs=true")
     assert len(record.changes) == 1
     assert sum(n for op, n in hist(gm).items() if op.startswith("aten.conv2d")) == 1
 
 
 def test_fuse_qkv_convs_with_different_kernels_not_fused_together() -> None:
     torch.manual_seed(0)
-    before, gm, record = fuse(ParallelConvs((1, 3, 1), padding=0), torch.randn(1, 6, 5, 5))
+    before, gm, record = fuse(ParallelConvs((1, 3, 1), padding=0), torch.randn(1, 6, 5, 5), "fuse_qkv:fuse_convs=true")
     assert hist(before)[CONV] == 3
     assert hist(gm)[CONV] == 2  # the two 1x1s fuse, the 3x3 stays on its own
     (change,) = record.changes
@@ -166,7 +166,7 @@ class GroupedSiblings(nn.Module):
 
 
 def test_fuse_qkv_grouped_convs_not_fused() -> None:
-    before, gm, record = fuse(GroupedSiblings(), torch.randn(1, 4, 6, 6))
+    before, gm, record = fuse(GroupedSiblings(), torch.randn(1, 4, 6, 6), "fuse_qkv:fuse_convs=true")
     assert record.changes == []
     assert hist(gm) == hist(before)
 
@@ -196,6 +196,12 @@ def test_fuse_qkv_min_group() -> None:
     _, gm, record = fuse(SwiGLU(), torch.randn(2, 12), "fuse_qkv:min_group=3")
     assert record.changes == []
     assert hist(gm)[LINEAR] == 3
+
+
+def test_fuse_qkv_convs_are_opt_in() -> None:
+    _, gm, record = fuse(ParallelConvs(), torch.randn(1, 6, 5, 5))
+    assert not record.changes
+    assert ir.op_histogram(gm)["aten.conv2d.default"] == 3
 
 
 def test_fuse_qkv_convs_disabled_by_config() -> None:

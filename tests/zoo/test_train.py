@@ -81,7 +81,7 @@ def test_cache_holds_only_tensors(tmp_path: Path, fake_training: _CountingTraine
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_keys", "wrong_type"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_keys", "wrong_shape", "nan", "wrong_type"])
 def test_corrupt_cache_is_retrained(
     tmp_path: Path, fake_training: _CountingTrainer, caplog: pytest.LogCaptureFixture, damage: str,
 ) -> None:
@@ -93,6 +93,13 @@ def test_corrupt_cache_is_retrained(
         path.write_bytes(path.read_bytes()[:1000])
     elif damage == "wrong_keys":
         torch.save({"head.weight": torch.zeros(3, 3)}, path)
+    elif damage in ("wrong_shape", "nan"):
+        state = torch.load(path, weights_only=True)
+        # Only the last entry is bad: the earlier ones must not leak into the retrained model.
+        last = next(reversed(state))
+        state = {k: v + 1.0 if v.is_floating_point() else v for k, v in state.items()}
+        state[last] = torch.zeros(7) if damage == "wrong_shape" else torch.full_like(state[last], float("nan"))
+        torch.save(state, path)
     else:
         torch.save([torch.zeros(1)], path)
     with caplog.at_level(logging.WARNING, logger="depthfold.zoo.train"):
