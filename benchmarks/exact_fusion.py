@@ -51,12 +51,8 @@ def bench_model(name: str, *, rounds: int, warmup: int, threads: int, resolution
     }
     feeds = {k: ort.feeds(s, inputs) for k, s in sessions.items()}
     calls = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
-    # Average several calls per sample for fast models: single runs of a few ms jitter by ~5%.
-    probe = latency.time_callable(calls["ort_opt"], warmup=2, repeat=5, threads=threads,
-                                  backend="onnxruntime", device="cpu")
-    inner = max(1, round(MIN_SAMPLE_MS / probe.median_ms))
-    timed = latency.compare_interleaved(calls, rounds=rounds, warmup=warmup, inner=inner, baseline="ort_opt",
-                                        threads=threads, backend="onnxruntime", device="cpu")
+    timed = latency.compare_interleaved(calls, rounds=rounds, warmup=warmup, min_sample_ms=MIN_SAMPLE_MS,
+                                        baseline="ort_opt", threads=threads, backend="onnxruntime", device="cpu")
     plain_ratio = [d / p for d, p in zip(timed["measurements"]["depthfold"].samples_ms,
                                          timed["measurements"]["plain"].samples_ms)]
     summary = result.report["summary"]
@@ -64,7 +60,7 @@ def bench_model(name: str, *, rounds: int, warmup: int, threads: int, resolution
         "model": name,
         "input": list(inputs[0].shape),
         "optimize_seconds": optimize_s,
-        "calls_per_sample": inner,
+        "calls_per_sample": timed["inner"],
         "nodes": [summary["before"]["nodes"], summary["after"]["nodes"]],
         "params": [summary["before"]["params"], summary["after"]["params"]],
         "max_rel_error": summary["verification"]["max_rel"],

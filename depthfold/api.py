@@ -59,11 +59,12 @@ class OptimizeResult:
         feeds = {name: ort.feeds(session, self.example_inputs) for name, session in sessions.items()}
         result = latency_mod.compare_interleaved(
             {name: (lambda s=session, f=feeds[name]: s.run(None, f)) for name, session in sessions.items()},
-            rounds=rounds, warmup=warmup, baseline="original", threads=threads, backend="onnxruntime",
-            device=device)
+            rounds=rounds, warmup=warmup, min_sample_ms=50.0, baseline="original", threads=threads,
+            backend="onnxruntime", device=device)
         speedups = [1.0 / r for r in result["ratios"]["optimized"]["samples"]]
         summary = {
             "backend": "onnxruntime", "device": device, "threads": threads, "rounds": rounds,
+            "calls_per_sample": result["inner"],
             "measurements": {k: m.to_dict() for k, m in result["measurements"].items()},
             "speedup": {"median": latency_mod.quantile(speedups, 0.5),
                         "p10": latency_mod.quantile(speedups, 0.1),

@@ -126,3 +126,14 @@ def test_pass_objects_are_accepted(net):
                              passes=["fold_bn", ("merge_linear_chains", MergeLinearChainsConfig(merge_convs=False))])
     merges = res.report["passes"][1]
     assert merges["changed"] is False and merges["config"]["merge_convs"] is False
+
+
+def test_measure_records_interleaved_latency_in_the_report(net, tmp_path):
+    res = depthfold.optimize(net, (torch.randn(1, 3, 12, 12),))
+    summary = res.measure(rounds=3, warmup=1)
+    assert set(summary["measurements"]) == {"original", "optimized"}
+    assert all(m["n"] == 3 for m in summary["measurements"].values())
+    assert summary["calls_per_sample"] >= 1 and summary["speedup"]["median"] > 0
+    assert res.report["latency"] is summary
+    paths = res.save(tmp_path)
+    assert "Speed-up (median of per-round ratios)" in paths["report_md"].read_text()

@@ -202,6 +202,7 @@ def compare_interleaved(
     rounds: int = 20,
     warmup: int = 3,
     inner: int = 1,
+    min_sample_ms: float | None = None,
     baseline: str | None = None,
     threads: int = 0,
     backend: str = "callable",
@@ -220,6 +221,8 @@ def compare_interleaved(
         rounds: Timed rounds (samples per variant).
         warmup: Untimed rounds first, also interleaved.
         inner: Calls per variant per round; a sample is their mean (for very short callables).
+        min_sample_ms: If set, ``inner`` is raised so that one sample of the baseline covers at least
+            this long (probed after warm-up): single runs of a few-millisecond model jitter by ~5%.
         baseline: The variant ratios are taken against; default the first key of ``fns``.
         threads, backend, device: Recorded in each Measurement (``threads=0``: not fixed / unknown).
         sync: Called after each variant's ``inner`` calls inside the timed region (asynchronous devices).
@@ -255,6 +258,9 @@ def compare_interleaved(
                 fns[name]()
             if sync is not None:
                 sync()
+    if min_sample_ms is not None:
+        probe = quantile([_timed(fns[base], sync, 1) for _ in range(5)], 0.5)
+        inner = max(inner, math.ceil(min_sample_ms / probe)) if probe > 0 else inner
 
     per_round: list[dict[str, float]] = []
     for r in range(rounds):

@@ -64,7 +64,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     latency = report.get("latency")
     if latency:
         lines += ["", f"## Latency ({latency['backend']}, {latency['device']}, {latency['threads']} thread(s), "
-                  f"{latency['rounds']} interleaved rounds)", "",
+                  f"{latency['rounds']} interleaved rounds of {latency.get('calls_per_sample', 1)} call(s))", "",
                   "| model | median ms | p90 ms | n |", "|---|---|---|---|"]
         for name, m in latency["measurements"].items():
             lines.append(f"| {name} | {m['median_ms']:.3f} | {m['p90_ms']:.3f} | {m['n']} |")

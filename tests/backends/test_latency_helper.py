@@ -156,3 +156,11 @@ def test_compare_interleaved_rejects_bad_arguments() -> None:
         compare_interleaved({"a": lambda: None}, rounds=0)
     with pytest.raises(ConfigError, match="inner"):
         compare_interleaved({"a": lambda: None}, inner=0)
+
+
+def test_compare_interleaved_min_sample_ms_raises_inner(clock: FakeClock) -> None:
+    res = compare_interleaved({"a": lambda: clock.advance_ms(2.0), "b": lambda: clock.advance_ms(4.0)},
+                              rounds=3, warmup=1, min_sample_ms=10.0)
+    assert res["inner"] == 5  # 5 calls of the 2 ms baseline cover 10 ms
+    assert res["measurements"]["a"].samples_ms == pytest.approx((2.0,) * 3)
+    assert res["ratios"]["b"]["median"] == pytest.approx(2.0)
