@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench clean arm-lane
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/depthfold demo --out out/demo
 
-test: $(STAMP)
+# The aarch64 emulation lane (tests/backends/test_tvm_aarch64.py) needs qemu-user-static, the aarch64 cross
+# toolchain and an arm64 Python root cached under ~/.cache/depthfold; the script is idempotent (quick when done).
+# DEPTHFOLD_ARM_LANE=0 skips both the setup and the lane.
+arm-lane: $(STAMP)
+	bash scripts/setup_arm_lane.sh $(PY)
+
+test: $(STAMP) arm-lane
 	$(PY) -m pytest -q -ra
 
 lint: $(STAMP)

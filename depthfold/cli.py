@@ -1,4 +1,4 @@
-"""The ``depthfold`` command line: ``optimize``, ``bench`` and ``demo``."""
+"""The ``depthfold`` command line: ``optimize``, ``bench``, ``compile`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -123,6 +123,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from .backends import latency, ort
 
+    if (Path(args.artifact) / "artifact.json").is_file():  # a TVM artifact directory from `depthfold compile`
+        return _cmd_bench_tvm(args)
+    if args.remote:
+        raise ConfigError("--remote times TVM artifacts (a directory from `depthfold compile`) on a TVM RPC "
+                          f"server; {args.artifact!r} is not one")
+
     files = [Path(args.artifact), *(Path(p) for p in args.compare)]
     sessions = {str(f): ort.create_session(f, device=args.device, threads=args.threads) for f in files}
     rng = np.random.default_rng(0)
@@ -140,6 +146,52 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               + (f"; x{ratio['median']:.3f} of {files[0].name}" if name != str(files[0]) else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _cmd_bench_tvm(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .backends import tvm as tvm_backend
+
+    if args.compare:
+        raise ConfigError("--compare is for ONNX files; time TVM artifacts one at a time")
+    art = tvm_backend.TvmArtifact.load(args.artifact)
+    if art.reference is not None:
+        with np.load(art.reference) as z:
+            inputs = [z[f"in{i}"] for i in range(len(art.inputs))]
+    else:
+        rng = np.random.default_rng(0)
+        inputs = [rng.standard_normal(s.shape).astype(s.dtype) if "float" in s.dtype
+                  else rng.integers(0, 100, size=s.shape).astype(s.dtype) for s in art.inputs]
+    m = tvm_backend.measure(art, inputs, warmup=args.warmup, repeat=args.repeat, threads=args.threads,
+                            remote=args.remote)
+    where = f"remote {args.remote}" if args.remote else "this machine"
+    print(f"{args.artifact} ({art.target}, on {where}): median {m.median_ms:.3f} ms, p90 {m.p90_ms:.3f} ms, "
+          f"n={m.n}, {args.threads} thread(s)")
+    if args.json:
+        record = {"artifact": str(args.artifact), "target": art.target, "remote": args.remote, **m.to_dict()}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from .backends import tvm as tvm_backend
+
+    source: Any
+    inputs: Any = None
+    if args.model.startswith("zoo:") or ".py:" in args.model:
+        source, inputs, _ = load_model(args.model, resolution=args.resolution, input_shape=args.input_shape,
+                                       pretrained=args.pretrained)
+    else:
+        source = Path(args.model)  # model.onnx, or a `depthfold optimize` output directory holding one
+    art = tvm_backend.compile(source, inputs, args.target, mcpu=args.mcpu, arch=args.arch,
+                              tune_trials=args.tune_trials, out_dir=args.out, frontend=args.frontend)
+    ver = art.meta.get("verification")
+    print(f"wrote {art.library} and {art.path / 'artifact.json'} ({art.target}, {art.meta['frontend']} frontend"
+          + (f", max relative error vs torch {ver['max_rel_error']:.2e}" if ver else ", not run here") + ")")
+    if art.meta.get("frontend_note"):
+        print(f"note: {art.meta['frontend_note']}")
     return 0
 
 
@@ -199,15 +251,30 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--measure", action="store_true", help="also time original vs optimized in ORT")
     opt.set_defaults(func=_cmd_optimize)
 
-    bench = sub.add_parser("bench", help="time ONNX artifacts in ONNX Runtime (interleaved)")
-    bench.add_argument("artifact", help="model.onnx")
+    bench = sub.add_parser("bench", help="time ONNX artifacts in ONNX Runtime (interleaved), or a TVM artifact")
+    bench.add_argument("artifact", help="model.onnx, or a TVM artifact directory from `depthfold compile`")
     bench.add_argument("--compare", nargs="*", default=[], help="more .onnx files to time against it")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--threads", type=int, default=1)
     bench.add_argument("--repeat", type=int, default=50)
     bench.add_argument("--warmup", type=int, default=5)
     bench.add_argument("--json", help="also write the numbers to this JSON file")
+    bench.add_argument("--remote", help="TVM artifacts: host:port of a TVM RPC server to time on")
     bench.set_defaults(func=_cmd_bench)
+
+    comp = sub.add_parser("compile", help="compile a model with TVM for x86, aarch64 or cuda")
+    comp.add_argument("model", help="zoo:NAME, path/to/file.py:factory, model.onnx or a `depthfold optimize` "
+                                    "output directory")
+    comp.add_argument("--target", default="x86", choices=["x86", "aarch64", "cuda"])
+    comp.add_argument("--out", required=True, help="artifact directory (model.so + artifact.json)")
+    comp.add_argument("--mcpu", help="LLVM CPU, e.g. cortex-a72 (Raspberry Pi 4), cortex-a76 (Pi 5)")
+    comp.add_argument("--arch", help="CUDA arch, e.g. sm_90")
+    comp.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trial budget (0: untuned)")
+    comp.add_argument("--frontend", default="auto", choices=["auto", "torch", "onnx"])
+    comp.add_argument("--resolution", type=int, help="input resolution for zoo vision models")
+    comp.add_argument("--input-shape", help="input shape for a factory that returns only a model")
+    comp.add_argument("--pretrained", choices=["digits"], help="train (or load cached) zoo weights on digits")
+    comp.set_defaults(func=_cmd_compile)
 
     demo = sub.add_parser("demo", help="end-to-end run on a built-in model")
     demo.add_argument("--out", default="out/demo")

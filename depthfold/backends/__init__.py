@@ -6,12 +6,14 @@
     m = measure_latency(model, (x,), backend="onnxruntime", threads=1, repeat=20)
     m.median_ms, m.p90_ms, m.n
 
-onnxruntime is imported only when a session is created.
+onnxruntime is imported only when a session is created; tvm only when ``backend="tvm"`` is used (it takes
+extra keyword options: ``target=``, ``remote="host:port"``, ``mcpu=``, ``arch=``, ``tune_trials=``).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,10 +86,20 @@ def _measure_torch(model: Model, inputs: tuple[Any, ...], *, device: str, thread
         torch.set_num_threads(previous)
 
 
-# Backend name -> measuring function. Adding a backend (e.g. "tvm") is one function and one entry here.
+def _measure_tvm(model: Model, inputs: tuple[Any, ...], *, device: str, threads: int, warmup: int, repeat: int,
+                 graph_optimization: str, **options: Any) -> Measurement:
+    from . import tvm as tvm_backend  # tvm itself is imported inside that module's functions
+
+    return tvm_backend.measure_module(model, inputs, device=device, threads=threads, warmup=warmup, repeat=repeat,
+                                      **options)
+
+
+# Backend name -> measuring function. Adding a backend is one function and one entry here; a function that
+# takes ``**options`` accepts backend-specific keywords from measure_latency.
 LATENCY_BACKENDS: dict[str, Callable[..., Measurement]] = {
     "onnxruntime": _measure_onnxruntime,
     "torch": _measure_torch,
+    "tvm": _measure_tvm,
 }
 _ALIASES = {"ort": "onnxruntime"}
 
@@ -102,6 +114,7 @@ def measure_latency(
     warmup: int = 5,
     repeat: int = 20,
     graph_optimization: str = "all",
+    **backend_options: Any,
 ) -> Measurement:
     """Measure the latency of a whole model or a single layer on ``backend``/``device``.
 
@@ -109,21 +122,26 @@ def measure_latency(
         model: An ``nn.Module`` (for ``"onnxruntime"``: exported to ONNX in memory, unverified, then timed in
             a session), or an ONNX file path / ``ModelProto`` (``"onnxruntime"`` only).
         example_inputs: Positional inputs, fed on every run (tensor leaves in order for ONNX).
-        backend: ``"onnxruntime"`` (alias ``"ort"``) or ``"torch"`` (eager ``module(*inputs)`` under
-            ``torch.inference_mode``).
+        backend: ``"onnxruntime"`` (alias ``"ort"``), ``"torch"`` (eager ``module(*inputs)`` under
+            ``torch.inference_mode``) or ``"tvm"`` (compiled with Apache TVM, timed here or over TVM RPC).
         device: ``"cpu"`` or ``"cuda"``.
         threads: Intra-op threads, fixed for the measurement (for torch, restored afterwards); recorded.
         warmup: Untimed runs first.
         repeat: Timed runs (samples); reports use at least 20.
         graph_optimization: ORT graph optimization level (``"disable"``, ``"basic"``, ``"extended"``,
             ``"all"``); ignored by other backends.
+        **backend_options: Backend-specific keywords, for ``"tvm"``: ``target`` (``"x86"``, ``"aarch64"``,
+            ``"cuda"``), ``remote`` (``"host:port"`` of a TVM RPC server), ``mcpu``, ``arch``, ``tune_trials``,
+            ``rpc_timeout_s`` (see ``depthfold.backends.tvm.measure_module``).
 
     Returns:
         A Measurement with ``repeat`` samples.
 
     Raises:
-        ConfigError: unknown backend or device, bad counts, or a model kind the backend cannot time.
-        BackendUnavailableError: ``device="cuda"`` without a usable GPU runtime.
+        ConfigError: unknown backend or device, bad counts, a model kind the backend cannot time, or an
+            option the backend does not take.
+        BackendUnavailableError: ``device="cuda"`` without a usable GPU runtime; tvm not installed; an
+            unreachable RPC server.
     """
     name = _ALIASES.get(backend, backend)
     if name not in LATENCY_BACKENDS:
@@ -135,6 +153,12 @@ def measure_latency(
     if not isinstance(example_inputs, (tuple, list)):
         raise ConfigError(f"example_inputs must be a tuple of positional inputs, got "
                           f"{type(example_inputs).__name__}; write (x,) for a single tensor")
+    takes_options = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                        for p in inspect.signature(LATENCY_BACKENDS[name]).parameters.values())
+    if backend_options and not takes_options:
+        option = sorted(backend_options)[0]
+        raise ConfigError(f"backend {name!r} takes no option {option!r}; backend-specific options (target, remote, "
+                          "...) belong to backend='tvm'")
     if not isinstance(model, (nn.Module, str, Path, ModelProto)):
         raise ConfigError(f"model must be an nn.Module, an ONNX file path or a ModelProto, "
                           f"got {type(model).__name__}")
@@ -144,4 +168,4 @@ def measure_latency(
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
     return LATENCY_BACKENDS[name](model, tuple(example_inputs), device=device, threads=threads, warmup=warmup,
-                                  repeat=repeat, graph_optimization=graph_optimization)
+                                  repeat=repeat, graph_optimization=graph_optimization, **backend_options)
