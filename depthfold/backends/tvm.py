@@ -433,6 +433,59 @@ def _cuda_pipeline(target: Any) -> Any:
     return _pipeline
 
 
+_TUNE_PROBE = r'''
+import sys, tempfile
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.script import relax as R
+@tvm.script.ir_module
+class Mod:
+    @R.function
+    def main(x: R.Tensor((1, 16), "float32"), w: R.Tensor((16, 16), "float32")) -> R.Tensor((1, 16), "float32"):
+        with R.dataflow():
+            y = R.matmul(x, w)
+            R.output(y)
+        return y
+target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+with tempfile.TemporaryDirectory() as work:
+    mod = relax.pipeline.static_shape_tuning_pipeline(total_trials=2, target=target, work_dir=work,
+                                                      max_trials_per_task=2)(Mod)
+tvm.compile(mod, target=target)
+print("tuning-ok")
+'''
+_TUNE_OK: bool | None = None
+
+
+def _check_tuning_works() -> None:
+    """Run a 2-trial MetaSchedule tuning in a child process once; raise if it crashes.
+
+    The apache-tvm 0.27.0.post1 wheel from PyPI segfaults inside MetaSchedule (in ``tvm::ffi::ToJSONGraph``
+    while setting up the tuning context), which would kill the caller's process; probing in a child turns that
+    into an error the caller can handle.
+    """
+    global _TUNE_OK
+    if _TUNE_OK is None:
+        import sys
+
+        try:
+            with _workdir() as work:  # TVMScript parses the probe's source, so it must live in a file
+                (work / "probe.py").write_text(_TUNE_PROBE)
+                proc = subprocess.run([sys.executable, str(work / "probe.py")], capture_output=True, text=True,
+                                      timeout=600, check=False)
+            _TUNE_OK = proc.returncode == 0 and "tuning-ok" in proc.stdout
+            if not _TUNE_OK:
+                logger.debug("tvm: tuning probe failed (exit %s): %s", proc.returncode, proc.stderr[-2000:])
+        except subprocess.TimeoutExpired:
+            _TUNE_OK = False
+    if not _TUNE_OK:
+        version = _versions().get("tvm", "unknown")
+        raise BackendUnavailableError(
+            f"MetaSchedule tuning crashes in this apache-tvm build ({version}; a 2-trial probe died, e.g. with a "
+            "segfault in tvm::ffi::ToJSONGraph); use tune_trials=0 (TVM's default schedules) or an apache-tvm "
+            "build whose MetaSchedule works")
+
+
 def _tuned(mod: Any, target: Any, trials: int, work_dir: Path) -> Any:
     from tvm import relax
 
@@ -482,6 +535,8 @@ def build(
         raise ConfigError(f"tune_trials={tune_trials} measures candidate schedules on this machine, which cannot "
                           f"run target {target!r}; tune on the device itself (or use tune_trials=0)")
     _check_toolchain(target)
+    if tune_trials:
+        _check_tuning_works()
     model, inputs = _resolve_source(source, example_inputs)
     start = time.perf_counter()
 

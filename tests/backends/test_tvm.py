@@ -265,6 +265,23 @@ def test_tvm_bad_targets_and_options() -> None:
     assert tvm_backend.parse_remote("[::1]:9090") == ("::1", 9090)
 
 
+@pytest.mark.slow
+def test_tvm_tuning_matches_torch_or_fails_cleanly(tmp_path: Path) -> None:
+    """MetaSchedule segfaults in the apache-tvm 0.27.0.post1 wheel; the probe must turn that into an error
+    instead of killing the process. Where tuning works, the tuned build must still match torch."""
+    torch.manual_seed(0)
+    m, x = _Small().eval(), torch.randn(1, 3, 8, 8)
+    try:
+        art = tvm_backend.compile(m, (x,), tune_trials=4, out_dir=tmp_path)
+    except BackendUnavailableError as err:
+        assert "MetaSchedule tuning crashes" in str(err) and "tune_trials=0" in str(err)
+        assert not (tmp_path / "artifact.json").exists()
+        return
+    assert art.meta["tune_trials"] == 4
+    with torch.no_grad():
+        assert _rel_err(tvm_backend.run(art, (x,))[0], m(x).numpy()) <= RTOL
+
+
 def test_tvm_load_rejects_a_directory_without_artifact(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="no artifact.json"):
         tvm_backend.TvmArtifact.load(tmp_path)
