@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -102,6 +103,7 @@ def test_tvm_zoo_compiles_for_every_target_and_x86_matches_torch(name: str, tmp_
         cuda = tvm_backend.compile(ep, inputs, "cuda", arch="sm_80", out_dir=tmp_path / "cuda")
         assert cuda.library.stat().st_size > 0
         assert cuda.meta["target_json"]["arch"] == "sm_80"
+    shutil.rmtree(tmp_path)  # VGG's three libraries take ~1 GB; pytest would keep them for three runs
 
 
 def test_tvm_artifact_json_records_io_target_versions_and_hash(small_x86: tvm_backend.TvmArtifact) -> None:
