@@ -1090,7 +1090,7 @@ def measure_module(
     """``measure_latency(..., backend="tvm")``: compile ``model`` for ``target`` and time it here or remotely.
 
     A local build stays in memory (no library file); a remote one is written to a temporary artifact,
-    uploaded and deleted. Builds are cached in-process by the model's content hash (graph, weights, input
+    uploaded and deleted. Builds are cached in-process by content (the exported graph's code, weights, input
     shapes, target options), so timing the same layer twice compiles it once.
 
     Args:
@@ -1140,21 +1140,21 @@ def measure_module(
 def _cached_build(model: Any, inputs: tuple[Any, ...], target: str, *, mcpu: str | None, arch: str | None,
                   tune_trials: int) -> Compiled:
     key: tuple[Any, ...] | None = None
+    source = model
     if isinstance(model, nn.Module):
-        # Content key: the module's class, every parameter/buffer, input shapes and build options. Two modules
-        # equal in all of these compile to the same code, so reusing the build cannot time the wrong thing.
-        h = hashlib.sha256(type(model).__qualname__.encode())
-        h.update(repr(model).encode())
-        for name, t in list(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-            h.update(np.ascontiguousarray(t.detach().cpu().float().numpy()).tobytes())
-        key = (h.hexdigest(), _input_key(tuple(to_numpy(a) for a in inputs)), target, mcpu, arch, tune_trials)
+        # Content key: the exported graph's code (ops, shapes, Python constants baked in by torch.export) and
+        # every parameter/buffer/constant, plus input shapes and build options. Two modules equal in all of
+        # these compile to the same code, so reusing a build cannot time the wrong thing; exporting is cheap
+        # next to compiling, and the exported program is reused on a miss.
+        t_inputs = tuple(torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in inputs)
+        source = _export(model, t_inputs)
+        key = (_hash_torch(source), _input_key(tuple(to_numpy(a) for a in inputs)), target, mcpu, arch,
+               tune_trials)
         with _LOCK:
             if key in _BUILDS:
                 _BUILDS.move_to_end(key)
                 return _BUILDS[key]
-    compiled = build(model, inputs, target, mcpu=mcpu, arch=arch, tune_trials=tune_trials)
+    compiled = build(source, inputs, target, mcpu=mcpu, arch=arch, tune_trials=tune_trials)
     if key is not None:
         with _LOCK:
             _BUILDS[key] = compiled

@@ -326,6 +326,19 @@ def test_measure_latency_tvm_build_cache_never_reuses_a_different_layer() -> Non
     cx = tvm_backend._cached_build(a, (torch.randn(1, 4, 7, 7),), "x86", mcpu=None, arch=None, tune_trials=0)
     assert cx is not ca  # other input shape: another build
 
+    class Scaled(nn.Module):  # same class, repr and (empty) state; behaviour set by a plain attribute
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t * self.scale
+
+    c2 = tvm_backend._cached_build(Scaled(2.0), (x,), "x86", mcpu=None, arch=None, tune_trials=0)
+    c3 = tvm_backend._cached_build(Scaled(3.0), (x,), "x86", mcpu=None, arch=None, tune_trials=0)
+    assert c3 is not c2
+    assert np.allclose(tvm_backend.run(c3, (x,))[0], 3.0 * x.numpy())
+
 
 def test_measure_latency_options_are_checked() -> None:
     conv, x = nn.Conv2d(2, 2, 1), torch.randn(1, 2, 4, 4)
