@@ -21,12 +21,17 @@ from .backends import ort
 from .passes import PassManager, PassRecord
 from .report import new_report, render_markdown
 
-__all__ = ["EXACT_PASSES", "OptimizeResult", "optimize"]
+__all__ = ["DEFAULT_PASSES", "EXACT_PASSES", "OptimizeResult", "optimize"]
 
 logger = logging.getLogger(__name__)
 
 EXACT_PASSES: tuple[str, ...] = ("fold_bn", "merge_linear_chains", "fuse_qkv")
-"""The default pipeline: every exact pass, in the order that lets each enable the next."""
+"""Every exact pass, in the order that lets each enable the next."""
+
+DEFAULT_PASSES: tuple[str, ...] = ("fold_bn", "merge_linear_chains")
+"""What ``optimize`` runs when no passes are given: the exact passes that never slowed a zoo model on
+CPU ONNX Runtime. ``fuse_qkv`` is opt-in: on one-thread CPU ORT its split after the fused GEMM cost
+~1.5% on vit_tiny and llama_tiny (benchmarks/exact_fusion.py reports it per model)."""
 
 
 @dataclass
@@ -85,7 +90,7 @@ class OptimizeResult:
         return {"onnx": out / "model.onnx", "report_json": json_path, "report_md": md_path}
 
 
-def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = EXACT_PASSES, *,
+def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFAULT_PASSES, *,
              verify: bool = True, max_steps: int = 1, random_inputs: int = 2,
              dump_dir: str | Path | None = None, progress: bool = False) -> OptimizeResult:
     """Capture ``model``, run ``passes`` on it and verify the result; the user's model is never modified.
@@ -93,7 +98,8 @@ def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = EXAC
     Args:
         model: a trained ``nn.Module`` (a private eval-mode copy is captured with ``torch.export``).
         example_inputs: a tensor or tuple of tensors at deployment shapes.
-        passes: pass names, ``"name:key=value,..."`` specs, or ``(name, config)`` tuples.
+        passes: pass names, ``"name:key=value,..."`` specs, or ``(name, config)`` tuples
+            (default :data:`DEFAULT_PASSES`; :data:`EXACT_PASSES` adds ``fuse_qkv``).
         verify: check every exact pass numerically, and the whole pipeline against the original.
         max_steps: repeat the pipeline until nothing changes, at most this many times.
         random_inputs: random input sets used for verification besides the example inputs.

@@ -98,11 +98,11 @@ def load_model(spec: str, *, resolution: int | None = None, input_shape: str | N
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    from .api import EXACT_PASSES, optimize
+    from .api import DEFAULT_PASSES, optimize
 
     model, inputs, name = load_model(args.model, resolution=args.resolution, input_shape=args.input_shape,
                                      pretrained=args.pretrained)
-    passes = split_pass_list(args.passes) if args.passes else list(EXACT_PASSES)
+    passes = split_pass_list(args.passes) if args.passes else list(DEFAULT_PASSES)
     result = optimize(model, inputs, passes, max_steps=args.max_steps, dump_dir=args.dump_dir,
                       progress=not args.quiet)
     result.report["model"]["name"] = name
@@ -207,15 +207,15 @@ def _random_input(info: Any, rng: Any) -> Any:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .api import EXACT_PASSES, optimize
+    from .api import DEFAULT_PASSES, optimize
     from .zoo import data, train
 
     print(f"depthfold demo: ResNet-18 trained on scikit-learn digits ({args.resolution}x{args.resolution}), "
-          f"passes {', '.join(EXACT_PASSES)}")
+          f"passes {', '.join(DEFAULT_PASSES)}")
     model = train.pretrained_digits("resnet18", resolution=args.resolution, progress=not args.quiet)
     _, test_set = data.digits_datasets(resolution=args.resolution)
     inputs = (test_set.tensors[0][:1].clone(),)
-    result = optimize(model, inputs, EXACT_PASSES, progress=not args.quiet)
+    result = optimize(model, inputs, DEFAULT_PASSES, progress=not args.quiet)
     result.report["model"]["name"] = f"zoo:resnet18 (digits {args.resolution}x{args.resolution})"
     result.report["accuracy"] = {
         "dataset": "scikit-learn digits, held-out split",
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     opt = sub.add_parser("optimize", help="optimize a model and write model.onnx + report")
     opt.add_argument("model", help="zoo:NAME or path/to/file.py:factory")
-    opt.add_argument("--passes", help="comma-separated pass specs (default: every exact pass)")
+    opt.add_argument("--passes", help="comma-separated pass specs (default: fold_bn,merge_linear_chains)")
     opt.add_argument("--out", required=True, help="output directory")
     opt.add_argument("--resolution", type=int, help="input resolution for zoo vision models")
     opt.add_argument("--input-shape", help="input shape for a factory that returns only a model")

@@ -43,7 +43,7 @@ def net() -> nn.Module:
 
 def test_optimize_applies_every_exact_pass_and_reports(net):
     x = torch.randn(2, 3, 12, 12)
-    res = depthfold.optimize(net, (x,))
+    res = depthfold.optimize(net, (x,), depthfold.EXACT_PASSES)
     by_name = {r["name"]: r for r in res.report["passes"]}
     assert [r["name"] for r in res.report["passes"]] == list(depthfold.EXACT_PASSES)
     assert len(by_name["fold_bn"]["changes"]) == 2
@@ -60,6 +60,12 @@ def test_optimize_applies_every_exact_pass_and_reports(net):
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(res.module(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_default_pipeline_is_fold_and_merge(net):
+    res = depthfold.optimize(net, (torch.randn(1, 3, 12, 12),))
+    assert [r["name"] for r in res.report["passes"]] == list(depthfold.DEFAULT_PASSES)
+    assert depthfold.DEFAULT_PASSES == ("fold_bn", "merge_linear_chains")
 
 
 def test_optimize_never_mutates_the_model(net):

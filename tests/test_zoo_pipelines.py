@@ -55,7 +55,7 @@ def _summary(res: depthfold.OptimizeResult) -> str:
 def test_exact_pipeline_on_zoo_model(name, tmp_path):
     model, inputs = _model_and_inputs(name)
     _randomise_bn_stats(model)
-    res = depthfold.optimize(model, inputs)
+    res = depthfold.optimize(model, inputs, depthfold.EXACT_PASSES)
     assert res.report["summary"]["verification"]["max_rel"] <= 1e-4
     assert not any("batch_norm" in op for op in ir.op_histogram(res.module)), "every BN folds in the zoo"
     artifact = export_onnx(res.module, inputs, tmp_path / "model.onnx")  # verifies ORT vs torch

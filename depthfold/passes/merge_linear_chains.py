@@ -40,7 +40,7 @@ from ..ir import ops
 from .base import Change, Exactness, PassResult, Skip
 from .registry import register_pass
 
-__all__ = ["MergeLinearChainsConfig", "merge_linear_chains", "compose_convs", "compose_linears"]
+__all__ = ["MergeLinearChainsConfig", "merge_linear_chains", "compose_convs", "compose_linears", "merged_groups", "dense_weight", "grouped_weight", "AffineLayer"]
 
 aten = torch.ops.aten
 _CONV_TARGET = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
@@ -58,7 +58,7 @@ class MergeLinearChainsConfig:
 
 
 @dataclass(frozen=True)
-class _Layer:
+class AffineLayer:
     """A conv or linear layer's tensors and geometry (linears: ``spatial == 0``)."""
 
     weight: torch.Tensor
@@ -167,7 +167,7 @@ def _merge_pair(gm: GraphModule, first: Node, between: list[Node], second: Node,
 
 
 def _merge_linears(gm: GraphModule, first: Node, second: Node, config: MergeLinearChainsConfig
-                   ) -> tuple[_Layer, int, int] | str:
+                   ) -> tuple[AffineLayer, int, int] | str:
     l1, l2 = _read_linear(gm, first), _read_linear(gm, second)
     hidden, inp = l1.weight.shape
     out = l2.weight.shape[0]
@@ -179,7 +179,7 @@ def _merge_linears(gm: GraphModule, first: Node, second: Node, config: MergeLine
 
 
 def _merge_convs(gm: GraphModule, first: Node, second: Node, config: MergeLinearChainsConfig
-                 ) -> tuple[_Layer, int, int] | str:
+                 ) -> tuple[AffineLayer, int, int] | str:
     p1, p2 = ops.conv_params(first), ops.conv_params(second)
     for node, p in ((first, p1), (second, p2)):
         if any(d != 1 for d in p.dilation):
@@ -214,7 +214,7 @@ def _merge_convs(gm: GraphModule, first: Node, second: Node, config: MergeLinear
     return merged, before, after
 
 
-def compose_linears(l1: _Layer, l2: _Layer) -> _Layer:
+def compose_linears(l1: AffineLayer, l2: AffineLayer) -> AffineLayer:
     """The linear layer equal to ``l2(l1(x))``."""
     w1, w2 = l1.weight.double(), l2.weight.double()
     weight = w2 @ w1
@@ -226,18 +226,18 @@ def compose_linears(l1: _Layer, l2: _Layer) -> _Layer:
         if l2.bias is not None:
             bias = bias + l2.bias.double()
     dtype = l1.weight.dtype
-    return _Layer(weight.to(dtype), None if bias is None else bias.to(dtype))
+    return AffineLayer(weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
-def compose_convs(l1: _Layer, l2: _Layer) -> _Layer:
+def compose_convs(l1: AffineLayer, l2: AffineLayer) -> AffineLayer:
     """The conv equal to ``conv2(conv1(x))`` where the composition is exact (see module docstring).
 
     Padding of the result is the first conv's, plus ``s1 * p2`` for a padded second conv after a
     bias-free 1x1 first conv.
     """
     nd = l1.spatial
-    w1 = _dense(l1.weight.double(), l1.groups)  # [C1, Cin, *k1]
-    w2 = _dense(l2.weight.double(), l2.groups)  # [C2, C1, *k2]
+    w1 = dense_weight(l1.weight.double(), l1.groups)  # [C1, Cin, *k1]
+    w2 = dense_weight(l2.weight.double(), l2.groups)  # [C2, C1, *k2]
     k2 = w2.shape[2:]
     s1 = l1.stride
     # K[o, i, p] = sum_m sum_{s1 * t + u = p} W2[o, m, t] W1[m, i, u]: correlate W1 (channels as batch)
@@ -251,14 +251,14 @@ def compose_convs(l1: _Layer, l2: _Layer) -> _Layer:
             bias = bias + w2.sum(dim=tuple(range(2, 2 + nd))) @ l1.bias.double()
         if l2.bias is not None:
             bias = bias + l2.bias.double()
-    groups = _merged_groups(l1.weight.shape[0], l1.groups, l2.groups, w2.shape[0], w1.shape[1])
-    weight = _grouped(merged, groups).to(l1.weight.dtype)
+    groups = merged_groups(l1.weight.shape[0], l1.groups, l2.groups, w2.shape[0], w1.shape[1])
+    weight = grouped_weight(merged, groups).to(l1.weight.dtype)
     padding = tuple(p1 + s * p2 for p1, s, p2 in zip(l1.padding, s1, l2.padding))
     stride = tuple(a * b for a, b in zip(s1, l2.stride))
-    return _Layer(weight, None if bias is None else bias.to(l1.weight.dtype), stride, padding, groups)
+    return AffineLayer(weight, None if bias is None else bias.to(l1.weight.dtype), stride, padding, groups)
 
 
-def _dense(weight: torch.Tensor, groups: int) -> torch.Tensor:
+def dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """Expand a grouped conv weight ``[Cout, Cin/g, *k]`` to its block-diagonal ``[Cout, Cin, *k]``."""
     if groups == 1:
         return weight
@@ -276,7 +276,7 @@ def _block_mask(rows: int, cols: int, groups: int) -> torch.Tensor:
     return r[:, None] == c[None, :]
 
 
-def _merged_groups(c1: int, g1: int, g2: int, c2: int, cin: int) -> int:
+def merged_groups(c1: int, g1: int, g2: int, c2: int, cin: int) -> int:
     """Largest group count whose block structure contains the composed channel connectivity."""
     connectivity = (_block_mask(c2, c1, g2).double() @ _block_mask(c1, cin, g1).double()) > 0
     for groups in sorted({g for g in range(1, math.gcd(c2, cin) + 1) if c2 % g == 0 and cin % g == 0},
@@ -286,7 +286,7 @@ def _merged_groups(c1: int, g1: int, g2: int, c2: int, cin: int) -> int:
     return 1
 
 
-def _grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
+def grouped_weight(dense: torch.Tensor, groups: int) -> torch.Tensor:
     """The grouped weight ``[Cout, Cin/g, *k]`` of a block-diagonal dense weight."""
     if groups == 1:
         return dense
@@ -295,21 +295,21 @@ def _grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.cat([dense[g * rows:(g + 1) * rows, g * cols:(g + 1) * cols] for g in range(groups)])
 
 
-def _conv_macs(layer: _Layer, out_shape: tuple[int, ...] | None) -> int:
+def _conv_macs(layer: AffineLayer, out_shape: tuple[int, ...] | None) -> int:
     positions = math.prod(out_shape[2:]) * out_shape[0] if out_shape else 1
     return int(layer.weight.numel() * positions)
 
 
-def _read_conv(gm: GraphModule, node: Node) -> _Layer:
+def _read_conv(gm: GraphModule, node: Node) -> AffineLayer:
     p = ops.conv_params(node)
     bias = ops.weight_and_bias(node)[1]
-    return _Layer(ir.get_param(gm, p.weight).detach(),
+    return AffineLayer(ir.get_param(gm, p.weight).detach(),
                   ir.get_param(gm, bias).detach() if bias is not None else None,
                   p.stride, p.padding, p.groups)  # type: ignore[arg-type]
 
 
-def _read_linear(gm: GraphModule, node: Node) -> _Layer:
+def _read_linear(gm: GraphModule, node: Node) -> AffineLayer:
     bias = ops.weight_and_bias(node)[1]
-    return _Layer(ir.get_param(gm, node.args[1]).detach(),  # type: ignore[arg-type]
+    return AffineLayer(ir.get_param(gm, node.args[1]).detach(),  # type: ignore[arg-type]
                   ir.get_param(gm, bias).detach() if bias is not None else None)
 

@@ -19,7 +19,7 @@ def test_bert_qkv_fused_and_output_type_kept():
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64)
     model = transformers.BertModel(config).eval()
-    res = depthfold.optimize(model, (_ids(),))
+    res = depthfold.optimize(model, (_ids(),), depthfold.EXACT_PASSES)
     fuse = next(r for r in res.records if r.name == "fuse_qkv")
     assert len(fuse.changes) == 2  # one Q/K/V fusion per layer
     assert all(c["sizes"] == [32, 32, 32] for c in fuse.changes)
@@ -34,7 +34,7 @@ def test_llama_decoder_captures_without_touching_the_users_cache_setting():
                                       num_key_value_heads=2, intermediate_size=64)
     model = transformers.LlamaForCausalLM(config).eval()
     assert model.config.use_cache
-    res = depthfold.optimize(model, (_ids(),))
+    res = depthfold.optimize(model, (_ids(),), depthfold.EXACT_PASSES)
     assert model.config.use_cache, "the user's model config must not change"
     fuse = next(r for r in res.records if r.name == "fuse_qkv")
     kinds = sorted(tuple(c["sizes"]) for c in fuse.changes)

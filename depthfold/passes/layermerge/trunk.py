@@ -1,0 +1,365 @@
+"""The trunk of a captured CNN as LayerMerge sees it: convs, activations, residual joins and barriers.
+
+Walking the fx graph from the image input to the output gives a sequence of *items*:
+
+* :class:`Layer` — a 2-D convolution with the batch norm (and eval no-ops) that follow it: an affine map;
+* :class:`Act` — a pointwise non-linearity (the thing LayerMerge removes);
+* :class:`Join` — the ``add`` closing a residual block, whose shortcut starts at an earlier position and
+  is either the identity or a chain of convs (a ResNet downsample);
+* :class:`Barrier` — anything else on the path (pooling, flatten, the classifier, a fork that is not a
+  residual block, a dilated or 1-D conv): segments never cross one.
+
+*Positions* ``0..L`` are the boundaries where a segment may start or end: the input, after every
+activation, join and barrier, before every barrier, at every fork that feeds a shortcut, and the end.
+Nothing here is model-specific: the walk follows data flow, forks are resolved with post-dominators
+(the node where both branches of a fork meet again), and a fork that does not look like ``x + f(x)`` or
+``g(x) + f(x)`` (``g`` linear) becomes one barrier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from ... import ir
+from ...errors import ConfigError
+from ...ir import ops
+
+__all__ = ["Act", "Barrier", "Item", "Join", "Layer", "Position", "Trunk", "analyze_trunk", "POINTWISE_ACTIVATIONS"]
+
+aten = torch.ops.aten
+
+POINTWISE_ACTIVATIONS = frozenset({
+    aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default, aten.hardtanh_.default,
+    aten.gelu.default, aten.silu.default, aten.silu_.default, aten.sigmoid.default, aten.tanh.default,
+    aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default, aten.leaky_relu.default,
+    aten.leaky_relu_.default, aten.elu.default, aten.softplus.default, aten.mish.default, aten.selu.default,
+})
+"""Elementwise non-linearities LayerMerge may remove (softmax and friends are not elementwise: barriers)."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A conv2d (plus the batch norm right after it) on the trunk or on a shortcut."""
+
+    conv: str
+    bn: str | None
+    out: str
+    """The last node of the layer (bn, conv, or an eval no-op after them): its output value."""
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    groups: int
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def prunable(self) -> bool:
+        """Replacing it by the identity keeps every shape: same channels and same spatial size."""
+        return self.in_shape == self.out_shape
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+
+@dataclass(frozen=True)
+class Act:
+    """A pointwise activation node."""
+
+    node: str
+    out: str
+
+
+@dataclass(frozen=True)
+class Join:
+    """The residual ``add`` of a block whose shortcut starts at position ``entry``."""
+
+    node: str
+    out: str
+    entry: int
+    """Position index where the shortcut forks off the trunk."""
+    body_arg: int
+    """Which argument of the add (0 or 1) is the body branch."""
+    side: tuple[Layer, ...]
+    """Convs on the shortcut, in order (empty: identity shortcut)."""
+    side_nodes: tuple[str, ...]
+    """Every node of the shortcut branch (convs, batch norms, no-ops)."""
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """Nodes a segment may not cross, and why."""
+
+    nodes: tuple[str, ...]
+    out: str
+    reason: str
+
+
+Item = Layer | Act | Join | Barrier
+
+
+@dataclass(frozen=True)
+class Position:
+    """A boundary between trunk items where segments start and end."""
+
+    index: int
+    boundary: int
+    """Number of items before this position."""
+    node: str
+    """The fx node whose value is the tensor at this position."""
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Trunk:
+    """The analysed trunk: items in order and the positions between them."""
+
+    items: tuple[Item, ...]
+    positions: tuple[Position, ...]
+    input_node: str
+    barriers: tuple[Barrier, ...] = field(default=())
+
+    @property
+    def num_positions(self) -> int:
+        """``L``: positions are numbered ``0..L``."""
+        return len(self.positions) - 1
+
+    def between(self, start: int, end: int) -> tuple[Item, ...]:
+        """The items of segment ``(start, end]``."""
+        return self.items[self.positions[start].boundary:self.positions[end].boundary]
+
+    def position_of_boundary(self, boundary: int) -> int:
+        for p in self.positions:
+            if p.boundary == boundary:
+                return p.index
+        raise KeyError(boundary)
+
+    def layers(self) -> list[Layer]:
+        return [i for i in self.items if isinstance(i, Layer)]
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "positions": self.num_positions,
+            "convs": len(self.layers()),
+            "activations": sum(isinstance(i, Act) for i in self.items),
+            "residual_joins": sum(isinstance(i, Join) for i in self.items),
+            "barriers": [{"nodes": list(b.nodes), "reason": b.reason} for b in self.barriers],
+        }
+
+
+def analyze_trunk(gm: GraphModule) -> Trunk:
+    """Walk ``gm`` (annotated with shapes) from its image input to its output and return the trunk.
+
+    Raises:
+        ConfigError: the graph has no tensor input feeding a 2-D convolution (nothing to merge).
+    """
+    start = _trunk_input(gm)
+    walker = _Walker(gm)
+    items: list[Item] = []
+    forks: set[int] = set()
+    walker.walk(start, None, None, items, forks)
+    boundaries = {0, len(items), *forks}
+    for i, item in enumerate(items):
+        if isinstance(item, (Act, Join, Barrier)):
+            boundaries.add(i + 1)
+        if isinstance(item, Barrier):
+            boundaries.add(i)
+    ordered = sorted(boundaries)
+    names = [items[b - 1].out if b else start.name for b in ordered]
+    positions = tuple(Position(k, b, name, _shape(walker.nodes[name])) for k, (b, name) in enumerate(zip(ordered, names)))
+    by_boundary = {p.boundary: p.index for p in positions}
+    # Joins were recorded with the boundary of their fork; translate to position indices.
+    fixed: list[Item] = [
+        Join(i.node, i.out, by_boundary[i.entry], i.body_arg, i.side, i.side_nodes) if isinstance(i, Join) else i
+        for i in items
+    ]
+    if not any(isinstance(i, Layer) for i in fixed):
+        raise ConfigError("layermerge found no 2-D convolution on the path from the input to the output; "
+                          "it compresses CNN trunks (conv -> activation chains). Barriers met: "
+                          + "; ".join(f"{b.nodes[0]} ({b.reason})" for b in walker.barriers[:5]))
+    return Trunk(tuple(fixed), positions, start.name, tuple(walker.barriers))
+
+
+def _shape(node: Node) -> tuple[int, ...]:
+    shape = ir.shape_of(node)
+    return tuple(shape) if shape is not None else ()
+
+
+def _trunk_input(gm: GraphModule) -> Node:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        shape = ir.shape_of(node)
+        if shape is not None and len(shape) == 4 and any(ops.is_conv(u) for u in _downstream(node, 8)):
+            return node
+    raise ConfigError("layermerge needs a 4-D image input (N, C, H, W) that feeds a conv2d; found inputs "
+                      + ", ".join(f"{n.name} {ir.shape_of(n)}" for n in placeholders))
+
+
+def _downstream(node: Node, depth: int) -> list[Node]:
+    seen, frontier = [], [node]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users]
+        seen.extend(frontier)
+    return seen
+
+
+class _Walker:
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        view = ir.to_networkx(gm)
+        output = next(n.name for n in gm.graph.nodes if n.op == "output")
+        # Post-dominators: dominators of the reversed graph rooted at the output.
+        self.ipdom = nx.immediate_dominators(view.reverse(copy=True), output)
+        self.view = view
+        self.barriers: list[Barrier] = []
+
+    def walk(self, prev: Node, end: Node | None, first: Node | None, items: list, forks: set[int]) -> Node:
+        """Consume nodes after ``prev`` until ``end`` (``None``: the output); return the last node."""
+        while prev is not end:
+            users = list(prev.users)
+            if first is not None:
+                users, first = [first], None
+            if not users or any(u.op == "output" for u in users) and len(users) == 1:
+                return prev
+            if len(users) == 1:
+                prev = self._step(users[0], prev, end, items)
+            else:
+                prev = self._fork(prev, items, forks)
+        return prev
+
+    def _barrier(self, nodes: list[Node], reason: str, items: list) -> Node:
+        barrier = Barrier(tuple(n.name for n in nodes), nodes[-1].name, reason)
+        items.append(barrier)
+        self.barriers.append(barrier)
+        return nodes[-1]
+
+    def _step(self, node: Node, prev: Node, end: Node | None, items: list) -> Node:
+        if node.op == "output":
+            return prev
+        data_inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        if data_inputs != [prev] or node.args[0] is not prev:
+            return self._barrier([node], f"{node.target} reads other tensors besides the trunk", items)
+        if ops.is_identity(node):
+            return node
+        if ops.is_conv(node):
+            layer = self._layer(node, end)
+            if isinstance(layer, str):
+                return self._barrier([node], layer, items)
+            items.append(layer)
+            return self.nodes[layer.out]
+        if node.op == "call_function" and node.target in POINTWISE_ACTIVATIONS:
+            items.append(Act(node.name, node.name))
+            return node
+        return self._barrier([node], f"{_op_name(node)} is not a conv or pointwise activation", items)
+
+    def _layer(self, conv: Node, end: Node | None) -> Layer | str:
+        if ops.spatial_dims(conv) != 2:
+            return f"conv{ops.spatial_dims(conv)}d (only 2-D convolutions are merged)"
+        p = ops.conv_params(conv)
+        if any(d != 1 for d in p.dilation):
+            return "dilated conv"
+        if isinstance(p.padding, str):
+            return "asymmetric 'same' padding"
+        if not ops.is_stored(p.weight) or (p.bias is not None and not ops.is_stored(p.bias)):
+            return "conv weight is computed, not stored"
+        in_shape, out_shape = ir.shape_of(p.input), ir.shape_of(conv)
+        if in_shape is None or out_shape is None:
+            return "conv shapes unknown"
+        weight = ir.get_param(self.gm, p.weight)
+        last, bn = conv, None
+        if conv is not end and len(conv.users) == 1:
+            (user,) = conv.users
+            if ops.is_batch_norm(user) and user.args[0] is conv and all(ops.is_stored(a) for a in user.args[1:5]):
+                bn = user
+                last = user
+        while last is not end and len(last.users) == 1:
+            (user,) = last.users
+            if not (ops.is_identity(user) and user.args[0] is last):
+                break
+            last = user
+        return Layer(conv.name, bn.name if bn is not None else None, last.name, int(in_shape[1]),
+                     int(out_shape[1]), tuple(int(k) for k in weight.shape[2:]), p.stride, p.padding,  # type: ignore[arg-type]
+                     p.groups, tuple(in_shape), tuple(out_shape))
+
+    def _fork(self, fork: Node, items: list, forks: set[int]) -> Node:
+        join_name = self.ipdom.get(fork.name)
+        join = self.nodes.get(join_name) if join_name else None
+        if join is None or join.op == "output":
+            return self._barrier([fork], "fork whose branches never meet before the output", items)
+        region = self._region(fork, join)
+        parsed = self._residual(fork, join, region)
+        if isinstance(parsed, str):
+            return self._barrier([*region, join], parsed, items)
+        body_first, body_last, body_arg, side, side_nodes = parsed
+        entry_boundary = len(items)
+        forks.add(entry_boundary)
+        body_items: list[Item] = []
+        last = self.walk(fork, body_last, body_first, body_items, forks)
+        if last is not body_last or any(isinstance(i, Barrier) for i in body_items):
+            # Roll back: the block is opaque. Drop barriers the body walk recorded.
+            self.barriers = [b for b in self.barriers if b not in body_items]
+            forks.discard(entry_boundary)
+            forks -= {b for b in forks if b > entry_boundary}
+            return self._barrier([*region, join], "residual body is not a conv/activation chain", items)
+        items.extend(body_items)
+        out = join
+        while len(out.users) == 1 and ops.is_identity(next(iter(out.users))):
+            out = next(iter(out.users))
+        items.append(Join(join.name, out.name, entry_boundary, body_arg, tuple(side), tuple(side_nodes)))
+        return out
+
+    def _region(self, fork: Node, join: Node) -> list[Node]:
+        names = nx.descendants(self.view, fork.name) & nx.ancestors(self.view, join.name)
+        return [n for n in self.gm.graph.nodes if n.name in names]
+
+    def _residual(self, fork: Node, join: Node, region: list[Node]
+                  ) -> tuple[Node, Node, int, list[Layer], list[str]] | str:
+        if not ops.is_residual_add(join):
+            return f"branches meet at {_op_name(join)}, not a residual add"
+        branches = []
+        for arg in join.args[:2]:
+            branches.append(self._linear_branch(fork, arg))  # type: ignore[arg-type]
+        side_index = next((i for i, b in enumerate(branches) if b is not None), None)
+        if side_index is None:
+            return "neither branch of the residual block is an identity or a conv chain"
+        if branches[0] is not None and branches[1] is not None:
+            # Both linear: the shorter one is the shortcut.
+            side_index = 0 if len(branches[0]) <= len(branches[1]) else 1
+        body_arg = 1 - side_index
+        side_chain = branches[side_index] or []
+        side_layers = []
+        for node in side_chain:
+            if ops.is_conv(node):
+                layer = self._layer(node, None)
+                if isinstance(layer, str):
+                    return f"shortcut {layer}"
+                side_layers.append(layer)
+        body_last = join.args[body_arg]
+        body_users = [u for u in fork.users if u.name not in {n.name for n in side_chain} and u is not join]
+        if len(body_users) != 1 or body_last is fork:
+            return "residual block with several body branches"
+        return body_users[0], body_last, body_arg, side_layers, [n.name for n in side_chain]  # type: ignore[return-value]
+
+    def _linear_branch(self, fork: Node, last: Node) -> list[Node] | None:
+        """Nodes from ``fork`` (exclusive) to ``last`` if they form a conv/bn/no-op chain, else ``None``."""
+        chain: list[Node] = []
+        node = last
+        while node is not fork:
+            if len(node.users) != 1 or not (ops.is_conv(node) or ops.is_batch_norm(node) or ops.is_identity(node)):
+                return None
+            chain.append(node)
+            node = node.args[0]  # type: ignore[assignment]
+            if not isinstance(node, Node):
+                return None
+        return list(reversed(chain))
+
+
+def _op_name(node: Node) -> str:
+    return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
