@@ -7,5 +7,6 @@ __version__ = "0.1.0"
 from . import errors, ir, passes  # noqa: E402
 from .api import DEFAULT_PASSES, EXACT_PASSES, OptimizeResult, optimize  # noqa: E402
 from .passes import list_passes  # noqa: E402
+from .passes.recover import recover  # noqa: E402
 
-__all__ = ["DEFAULT_PASSES", "EXACT_PASSES", "OptimizeResult", "errors", "ir", "list_passes", "optimize", "passes"]
+__all__ = ["DEFAULT_PASSES", "EXACT_PASSES", "OptimizeResult", "errors", "ir", "list_passes", "optimize", "passes", "recover"]

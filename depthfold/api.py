@@ -18,7 +18,8 @@ from ._atomic import atomic_write, ensure_writable_dir
 from .backends import latency as latency_mod
 from .backends import onnx as onnx_backend
 from .backends import ort
-from .passes import PassManager, PassRecord
+from .backends.probe import LatencyProbe
+from .passes import PassContext, PassManager, PassRecord
 from .report import new_report, render_markdown
 
 __all__ = ["DEFAULT_PASSES", "EXACT_PASSES", "OptimizeResult", "optimize"]
@@ -92,7 +93,9 @@ class OptimizeResult:
 
 def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFAULT_PASSES, *,
              verify: bool = True, max_steps: int = 1, random_inputs: int = 2,
-             dump_dir: str | Path | None = None, progress: bool = False) -> OptimizeResult:
+             dump_dir: str | Path | None = None, progress: bool = False, data: Any = None,
+             backend: str = "onnxruntime", device: str = "cpu", threads: int = 1, executor: Any = None,
+             backend_options: dict[str, Any] | None = None, seed: int = 0) -> OptimizeResult:
     """Capture ``model``, run ``passes`` on it and verify the result; the user's model is never modified.
 
     Args:
@@ -104,7 +107,15 @@ def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFA
         max_steps: repeat the pipeline until nothing changes, at most this many times.
         random_inputs: random input sets used for verification besides the example inputs.
         dump_dir: write each pass's graph code before and after there.
-        progress: show a progress bar over the passes.
+        progress: show progress bars (passes, table building, training).
+        data: calibration/training data for passes that measure accuracy or fine-tune (``layermerge``):
+            a ``TensorDataset`` of ``(inputs[, labels])``, a tensor of inputs, or an ``(x, y)`` tuple.
+        backend, device, threads, backend_options: where latency-driven passes measure (the deployment
+            target): ``"onnxruntime"`` or ``"tvm"`` (options such as ``target``, ``remote``), ``"cpu"`` or
+            ``"cuda"``.
+        executor: where independent table jobs run: ``None``/``"process"``, ``"serial"``, ``"ray"`` or a
+            ``concurrent.futures.Executor``.
+        seed: seed for calibration splits and training.
 
     Raises:
         ConfigError: bad inputs, an unknown pass or a malformed spec.
@@ -113,10 +124,14 @@ def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFA
         PassError: a pass failed.
     """
     manager = PassManager(passes, max_steps=max_steps, verify=verify, random_inputs=random_inputs,
-                          dump_dir=dump_dir, progress=progress)
+                          dump_dir=dump_dir, progress=progress)  # bad pass specs fail before the capture
+    probe = LatencyProbe(backend=backend, device=device, threads=threads,
+                         options=tuple(sorted((backend_options or {}).items())))
     captured = ir.capture(model, example_inputs)
     original = captured.graph_module
     inputs = captured.example_inputs
+    manager.context = PassContext(example_inputs=inputs, data=data, latency_probe=probe, executor=executor,
+                                  progress=progress, seed=seed)
     pipeline = manager.run(original, inputs)
     verification: dict[str, Any] = {}
     if verify:

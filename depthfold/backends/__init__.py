@@ -36,13 +36,14 @@ from .ort import (
     measure,
     run,
 )
+from .probe import LatencyProbe
 
 __all__ = [
     "ARCHS", "DEVICES", "Backend", "Inputs", "Target", "host_arch",
     "Measurement", "compare_interleaved", "quantile", "time_callable",
     "OnnxArtifact", "export_onnx", "to_onnx_model",
     "OrtBackend", "available_providers", "check_session_args", "create_session", "default_device", "measure", "run",
-    "measure_latency", "LATENCY_BACKENDS",
+    "measure_latency", "LATENCY_BACKENDS", "LatencyProbe",
 ]
 
 Model = nn.Module | str | Path | ModelProto

@@ -10,7 +10,7 @@ from torch.fx import GraphModule
 
 from ..ir import ErrorStats
 
-__all__ = ["Change", "Exactness", "PassResult", "Skip"]
+__all__ = ["Change", "Exactness", "PassContext", "PassResult", "Skip"]
 
 
 class Exactness(enum.Enum):
@@ -44,6 +44,25 @@ class Skip:
         return {"site": self.site, "reason": self.reason}
 
 
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass that measures or trains gets besides the graph (passes that only rewrite ignore it).
+
+    The API fills it in; passes never import backends, so the latency probe is handed to them here.
+    """
+
+    example_inputs: tuple[Any, ...] = ()
+    data: Any = None
+    """Calibration/training data: a TensorDataset of (inputs[, labels]), a tensor, or an (x, y) tuple."""
+    latency_probe: Any = None
+    """A :class:`depthfold.backends.LatencyProbe` (``measure(model, inputs)``, ``fingerprint()``)."""
+    executor: Any = None
+    """Where independent jobs run: ``None``/``"process"`` (a local process pool), ``"serial"``, ``"ray"``, or
+    any ``concurrent.futures.Executor``."""
+    progress: bool = False
+    seed: int = 0
+
+
 @dataclass
 class PassResult:
     """The output of one pass: a new graph module (never the input object) and what changed."""
@@ -53,6 +72,8 @@ class PassResult:
     skipped: list[Skip] = field(default_factory=list)
     error: ErrorStats | None = None
     """Measured error, for approximate passes that compute it themselves."""
+    report: dict[str, Any] = field(default_factory=dict)
+    """Pass-specific findings for the report (JSON-serialisable), e.g. LayerMerge's plan and tables."""
 
     @property
     def modified(self) -> bool:

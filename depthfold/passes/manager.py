@@ -21,7 +21,7 @@ from torch.fx import GraphModule
 
 from .. import ir
 from ..errors import DepthfoldError, PassError, PreconditionError, VerificationError
-from .base import Exactness, PassResult
+from .base import Exactness, PassContext, PassResult
 from .registry import PassSpec, parse_pass
 
 __all__ = ["PassManager", "PassRecord", "PipelineResult"]
@@ -43,6 +43,8 @@ class PassRecord:
     seconds: float
     before: dict[str, int]
     after: dict[str, int]
+    details: dict[str, Any] = field(default_factory=dict)
+    """The pass's own report (``PassResult.report``), e.g. LayerMerge's plan and tables."""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -77,13 +79,15 @@ class PassManager:
     """
 
     def __init__(self, passes: Sequence[Any], *, max_steps: int = 1, verify: bool = True,
-                 random_inputs: int = 2, dump_dir: str | Path | None = None, progress: bool = False):
+                 random_inputs: int = 2, dump_dir: str | Path | None = None, progress: bool = False,
+                 context: PassContext | None = None):
         self.specs: list[PassSpec] = [parse_pass(p) for p in passes]
         self.max_steps = max_steps
         self.verify = verify
         self.random_inputs = random_inputs
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.progress = progress
+        self.context = context
         self._check_order()
 
     def _check_order(self) -> None:
@@ -129,7 +133,13 @@ class PassManager:
         self._dump(index, spec.name, "before", gm)
         start = time.perf_counter()
         try:
-            result = spec.info.fn(gm, spec.config)
+            if spec.info.uses_context:
+                context = self.context or PassContext()
+                if not context.example_inputs:
+                    context = dataclasses.replace(context, example_inputs=inputs)
+                result = spec.info.fn(gm, spec.config, context)
+            else:
+                result = spec.info.fn(gm, spec.config)
         except DepthfoldError:
             raise
         except Exception as err:
@@ -170,7 +180,8 @@ class PassManager:
         record = PassRecord(
             name=spec.name, config=dataclasses.asdict(spec.config), exact=exact, changed=result.modified,
             changes=[c.to_dict() for c in result.changes], skipped=[s.to_dict() for s in result.skipped],
-            error=error.to_dict() if error else None, seconds=seconds, before=before, after=after)
+            error=error.to_dict() if error else None, seconds=seconds, before=before, after=after,
+            details=result.report)
         return record, out, _GraphState(after, outputs)
 
     def _dump(self, index: int, name: str, when: str, gm: GraphModule) -> None:

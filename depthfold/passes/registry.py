@@ -32,6 +32,8 @@ class PassInfo:
     """Passes that must run earlier in the same pipeline."""
     idempotent: bool
     """Running it twice changes nothing more, so fixed-point loops run it once."""
+    uses_context: bool = False
+    """The transform is ``fn(gm, config, context)`` and receives a :class:`~.base.PassContext`."""
 
     @property
     def summary(self) -> str:
@@ -43,15 +45,16 @@ _REGISTRY: dict[str, PassInfo] = {}
 
 
 def register_pass(name: str, *, exactness: Exactness, config: type, requires: tuple[str, ...] = (),
-                  idempotent: bool = True) -> Callable[[PassFn], PassFn]:
-    """Decorator registering ``fn(gm, config) -> PassResult`` under ``name``."""
+                  idempotent: bool = True, uses_context: bool = False) -> Callable[[PassFn], PassFn]:
+    """Decorator registering ``fn(gm, config) -> PassResult`` (``fn(gm, config, context)`` with
+    ``uses_context``) under ``name``."""
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"config of pass {name!r} must be a dataclass")
 
     def wrap(fn: PassFn) -> PassFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"pass {name!r} is already registered")
-        _REGISTRY[name] = PassInfo(name, fn, exactness, config, tuple(requires), idempotent)
+        _REGISTRY[name] = PassInfo(name, fn, exactness, config, tuple(requires), idempotent, uses_context)
         return fn
 
     return wrap
@@ -165,4 +168,4 @@ def _parse_value(raw: str, hint: Any, where: str) -> Any:
 
 def _load_builtin_passes() -> None:
     # Importing the package registers every built-in pass (each module decorates its function).
-    from . import fold_bn, fuse_qkv, merge_linear_chains  # noqa: F401
+    from . import fold_bn, fuse_qkv, layermerge, merge_linear_chains  # noqa: F401

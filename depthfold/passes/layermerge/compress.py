@@ -1,0 +1,213 @@
+"""The ``layermerge`` pass: measure, solve, apply, recover, merge.
+
+1. analyse the trunk and enumerate every segment's candidates (:mod:`.trunk`, :mod:`.candidates`);
+2. time each candidate layer on the target backend (:mod:`.latency_table`) and the whole model;
+3. score each candidate's importance on calibration data (:mod:`.importance`);
+4. pick the plan with the DP (:mod:`.solver`) under ``budget = target - fixed``, where ``fixed`` is the
+   whole model's latency minus the table's latency of the original layers (stem, pooling, head, ...);
+5. build the re-padded compressed network (:mod:`.apply`), fine-tune it towards the original
+   (:func:`depthfold.recover`), then merge each segment into one conv exactly and check it numerically.
+
+Source: "LayerMerge: Neural Network Depth Compression through Layer Pruning and Merging" (Kim et al.,
+ICML 2024, arXiv:2406.12837); the ``depth`` mode is "Efficient Latency-Aware CNN Depth Compression via
+Two-Stage Dynamic Programming" (Kim et al., ICML 2023).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.fx import GraphModule
+
+from ... import ir
+from ...errors import ConfigError, PassError
+from ..base import Change, Exactness, PassContext, PassResult, Skip
+from ..recover import recover
+from ..registry import register_pass
+from .apply import apply_plan, merge_segments
+from .candidates import Mode, enumerate_choices
+from .importance import build_importance_table, calibration_split, output_kl
+from .latency_table import build_latency_table
+from .solver import Candidate, InfeasibleBudgetError, solve_plan
+from .trunk import analyze_trunk
+
+__all__ = ["LayerMergeConfig", "layermerge"]
+
+_MERGE_RTOL = 1e-4
+"""The deployment merge must reproduce the compressed network to this error relative to its output scale."""
+
+
+@dataclass(frozen=True)
+class LayerMergeConfig:
+    speedup: float | None = None
+    """Target speedup over the input model's latency measured on the same backend (e.g. 1.8)."""
+    latency_ms: float | None = None
+    """Or an absolute latency target in milliseconds."""
+    mode: Literal["layermerge", "depth", "layer"] = "layermerge"
+    """``layermerge``: prune convs and activations; ``depth``: remove activations and merge, never prune
+    (Kim et al. 2023); ``layer``: prune convs only."""
+    importance: Literal["zero_shot", "local", "finetune"] = "local"
+    importance_steps: int = 30
+    """Training steps per candidate for the ``local`` and ``finetune`` estimators."""
+    max_span: int = 8
+    """Longest segment, in positions."""
+    max_kernel: int = 9
+    """Largest merged kernel considered."""
+    recover_steps: int = 200
+    """Distillation steps on the compressed network before the final merge (0: none)."""
+    lr: float = 1e-3
+    resolution: float | None = None
+    """DP latency step in ms (default: budget / 5000)."""
+    batch_size: int = 64
+    eval_samples: int = 256
+    """Held-out calibration samples that importance and accuracy are measured on."""
+    train_samples: int = 2048
+    """Calibration samples used for training (local importance, recovery)."""
+    use_cache: bool = True
+    """Reuse cached latency measurements (keyed by backend, device, versions and layer)."""
+
+
+def _check(config: LayerMergeConfig) -> None:
+    if (config.speedup is None) == (config.latency_ms is None):
+        raise ConfigError("layermerge needs exactly one budget: speedup=... (e.g. layermerge:speedup=1.8) or "
+                          "latency_ms=...")
+    if config.speedup is not None and not config.speedup > 1.0:
+        raise ConfigError(f"layermerge speedup must be > 1, got {config.speedup}")
+    if config.latency_ms is not None and not config.latency_ms > 0:
+        raise ConfigError(f"layermerge latency_ms must be > 0, got {config.latency_ms}")
+    for name in ("max_span", "max_kernel", "batch_size", "eval_samples", "train_samples"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"layermerge {name} must be >= 1, got {getattr(config, name)}")
+    for name in ("importance_steps", "recover_steps"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"layermerge {name} must be >= 0, got {getattr(config, name)}")
+
+
+@register_pass("layermerge", exactness=Exactness.APPROXIMATE, config=LayerMergeConfig, uses_context=True)
+def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) -> PassResult:
+    """Remove activations and convs under a latency budget, chosen by DP on measured tables (LayerMerge)."""
+    _check(config)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    inputs = tuple(context.example_inputs)
+    trunk = analyze_trunk(gm)
+    mode: Mode = config.mode
+    choices = enumerate_choices(trunk, mode=mode, max_span=config.max_span, max_kernel=config.max_kernel)
+    timings["enumerate_s"] = time.perf_counter() - clock
+    calib = calibration_split(context.data, inputs, eval_samples=config.eval_samples,
+                              train_samples=config.train_samples, batch_size=config.batch_size, seed=context.seed)
+    latency = build_latency_table(gm, trunk, choices, context.latency_probe, executor=context.executor,
+                                  use_cache=config.use_cache, progress=context.progress)
+    whole_ms = float(context.latency_probe.measure(gm, inputs)["median_ms"])
+    importance = build_importance_table(gm, trunk, choices, calib, estimator=config.importance,
+                                        steps=config.importance_steps, lr=config.lr, progress=context.progress)
+
+    originals = {c.start: i for i, c in enumerate(choices)
+                 if c.end == c.start + 1 and c.kind in ("original", "barrier")}
+    missing = [s for s in range(trunk.num_positions) if s not in originals]
+    if missing:
+        raise PassError(f"layermerge: segment ({missing[0]}, {missing[0] + 1}] has no 'original' candidate; "
+                        "cannot relate the table to the whole model's latency")
+    table_original_ms = sum(latency.median_ms[i] for i in originals.values())
+    fixed_ms = whole_ms - table_original_ms
+    target_ms = whole_ms / config.speedup if config.speedup is not None else float(config.latency_ms)  # type: ignore[arg-type]
+    candidates = [Candidate(c.start, c.end, latency.median_ms[i], importance.metric[i], i)
+                  for i, c in enumerate(choices)]
+    clock = time.perf_counter()
+    try:
+        plan = solve_plan(candidates, num_positions=trunk.num_positions, budget=target_ms - fixed_ms,
+                          resolution=config.resolution)
+    except InfeasibleBudgetError as err:
+        fastest = err.min_latency + fixed_ms
+        raise InfeasibleBudgetError(
+            f"layermerge: no plan reaches {target_ms:.3f} ms (the model measures {whole_ms:.3f} ms); the fastest "
+            f"plan is predicted at {fastest:.3f} ms (speedup {whole_ms / fastest:.2f}x). Ask for less, or allow "
+            "more candidates (max_span, max_kernel, mode=layermerge)", min_latency=fastest,
+            budget=target_ms) from err
+    timings["solve_s"] = time.perf_counter() - clock
+    chosen = [choices[c.choice] for c in plan.chosen]
+
+    compressed, segments = apply_plan(gm, trunk, chosen)
+    ir.annotate(compressed, inputs)
+    accuracy_before = _accuracy(compressed, calib)
+    recovery = None
+    if config.recover_steps:
+        clock = time.perf_counter()
+        recover_data = calib.train_x
+        recovery = recover(compressed, gm, recover_data, steps=config.recover_steps, lr=config.lr,
+                           batch_size=calib.batch_size, seed=context.seed, progress=context.progress)
+        timings["recover_s"] = time.perf_counter() - clock
+    merged, merged_nodes = merge_segments(compressed, segments)
+    ir.annotate(merged, inputs)
+    merge_error = _check_merge(compressed, merged, calib.eval_x[: calib.batch_size], inputs)
+    measured_ms = float(context.latency_probe.measure(merged, inputs)["median_ms"])
+    with torch.no_grad():
+        teacher = torch.cat([ir.flatten_outputs(gm(calib.eval_x[i:i + calib.batch_size]))[0]
+                             for i in range(0, len(calib.eval_x), calib.batch_size)])
+        student = torch.cat([ir.flatten_outputs(merged(calib.eval_x[i:i + calib.batch_size]))[0]
+                             for i in range(0, len(calib.eval_x), calib.batch_size)])
+    predicted_ms = plan.latency + fixed_ms
+    changes = []
+    merged_by_segment = {seg.index: node.name for seg, node in zip(segments, merged_nodes)}
+    seg_index = 0
+    for cand, choice in zip(plan.chosen, chosen):
+        if choice.kind in ("original", "barrier"):
+            continue
+        added: tuple[str, ...] = ()
+        if choice.kind == "merged":
+            name = merged_by_segment.get(seg_index)
+            added = (name,) if name else ()
+            seg_index += 1
+        changes.append(Change(choice.kind, (*choice.kept, *choice.pruned, *choice.removed_acts), added,
+                              {**choice.to_dict(), "label": choice.label, "latency_ms": cand.latency,
+                               "importance": importance.importance[cand.choice]}))
+    skipped = [Skip(b.nodes[0], f"barrier: {b.reason}") for b in trunk.barriers]
+    report = {
+        "mode": config.mode, "budget": {"speedup": config.speedup, "latency_ms": config.latency_ms,
+                                        "target_ms": target_ms},
+        "latency": {"original_ms": whole_ms, "predicted_ms": predicted_ms, "measured_ms": measured_ms,
+                    "predicted_speedup": whole_ms / predicted_ms, "measured_speedup": whole_ms / measured_ms,
+                    "prediction_error": measured_ms / predicted_ms - 1.0, "fixed_ms": fixed_ms},
+        "plan": [{**choices[c.choice].to_dict(), "label": choices[c.choice].label, "latency_ms": c.latency,
+                  "importance": importance.importance[c.choice]} for c in plan.chosen],
+        "importance_sum": sum(importance.importance[c.choice] for c in plan.chosen),
+        "log_importance_sum": plan.importance,
+        "trunk": trunk.summary(),
+        "tables": {"latency": latency.summary(), "importance": importance.summary()},
+        "timings": {**timings, "latency_table_s": latency.seconds, "importance_table_s": importance.seconds},
+        "accuracy": {"original": importance.original_accuracy, "compressed_before_recovery": accuracy_before,
+                     "after_recovery": _accuracy(merged, calib), "output_kl": output_kl(teacher, student),
+                     "samples": len(calib.eval_x), "synthetic_data": calib.synthetic},
+        "recovery": recovery.to_dict() if recovery else None,
+        "merge_max_rel_error": merge_error,
+    }
+    return PassResult(merged, changes, skipped, report=report)
+
+
+def _accuracy(model: GraphModule, calib) -> float | None:  # type: ignore[no-untyped-def]
+    if calib.eval_y is None:
+        return None
+    with torch.no_grad():
+        logits = torch.cat([ir.flatten_outputs(model(calib.eval_x[i:i + calib.batch_size]))[0]
+                            for i in range(0, len(calib.eval_x), calib.batch_size)])
+    if logits.dim() != 2:
+        return None
+    return float((logits.argmax(-1) == calib.eval_y).float().mean())
+
+
+def _check_merge(compressed: GraphModule, merged: GraphModule, batch: torch.Tensor,
+                 inputs: tuple[torch.Tensor, ...]) -> float:
+    """Largest error of the merged network relative to the compressed one's output scale (must be tiny)."""
+    worst = 0.0
+    with torch.no_grad():
+        for x in (inputs[0], batch):
+            a = ir.flatten_outputs(compressed(x))[0].double()
+            b = ir.flatten_outputs(merged(x))[0].double()
+            worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)))
+    if worst > _MERGE_RTOL:
+        raise PassError(f"layermerge: merging the segments changed the output by {worst:.2e} (relative); this "
+                        "is a bug in the merge, please report it with the model")
+    return worst

@@ -1,0 +1,271 @@
+"""LayerMerge's importance table ``I(s, e, candidate)``: how much of the network's function survives when
+only that segment is replaced by that candidate.
+
+The metric is ``-KL(original || compressed)`` of the network's output on held-out calibration inputs
+(0 for the original layers), and the importance is ``exp(metric)`` as in LayerMerge. The DP maximises the
+*product* of importances, i.e. the sum of metrics: summing ``exp`` terms instead would reward tilings with
+more segments whatever their accuracy. Three estimators:
+
+* ``zero_shot`` — no training: the candidate's network as it is (pruned convs dropped, re-padded merge);
+* ``local`` (default) — the merged replacement is first trained for a few steps to reproduce the original
+  segment's output from the original segment's input (only that segment runs), then measured; pruned
+  candidates (nothing merged to train) are measured as in ``zero_shot``;
+* ``finetune`` — paper-faithful and slow: the whole candidate network is briefly fine-tuned towards the
+  original with distillation (:func:`depthfold.recover`), then measured.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+from ...errors import ConfigError
+from ...ir import flatten_outputs
+from ..recover import recover
+from .apply import AppliedSegment, apply_plan, share_graph
+from .candidates import SegmentChoice
+from .trunk import Trunk
+
+__all__ = ["ESTIMATORS", "Calibration", "ImportanceTable", "build_importance_table", "calibration_split",
+           "output_kl"]
+
+Estimator = Literal["zero_shot", "local", "finetune"]
+ESTIMATORS: tuple[str, ...] = ("zero_shot", "local", "finetune")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration data split once: inputs to train candidates on, held-out inputs (and labels) to score."""
+
+    train_x: torch.Tensor
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor | None
+    synthetic: bool
+    batch_size: int
+
+
+def calibration_split(data: Any, example_inputs: Sequence[torch.Tensor], *, eval_samples: int = 256,
+                      train_samples: int = 512, batch_size: int = 64, seed: int = 0) -> Calibration:
+    """Split ``data`` (TensorDataset, tensor or ``(x, y)``) into train/held-out calibration sets.
+
+    Without data, standard-normal inputs shaped like the example input are used (and reported).
+    """
+    if len(example_inputs) != 1 or not isinstance(example_inputs[0], torch.Tensor):
+        raise ConfigError("layermerge compresses single-input CNNs: give one example image batch, e.g. "
+                          "(torch.randn(1, 3, 224, 224),)")
+    example = example_inputs[0]
+    generator = torch.Generator().manual_seed(seed)
+    if data is None:
+        n = eval_samples + min(train_samples, 256)
+        x = torch.randn((n, *example.shape[1:]), generator=generator, dtype=example.dtype)
+        y = None
+    else:
+        x, y = _tensors(data)
+        if tuple(x.shape[1:]) != tuple(example.shape[1:]):
+            raise ConfigError(f"calibration data has samples of shape {tuple(x.shape[1:])} but the model was "
+                              f"captured with inputs of shape {tuple(example.shape[1:])}; resize the data (or "
+                              "capture at the data's resolution)")
+        if len(x) < 2:
+            raise ConfigError(f"calibration data has {len(x)} sample(s); give at least a few hundred")
+    order = torch.randperm(len(x), generator=generator)
+    n_eval = min(eval_samples, max(1, len(x) // 3))
+    eval_idx, train_idx = order[:n_eval], order[n_eval:n_eval + train_samples]
+    return Calibration(x[train_idx], x[eval_idx], None if y is None else y[eval_idx], data is None,
+                       min(batch_size, len(train_idx)) or 1)
+
+
+def _tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(data, torch.utils.data.TensorDataset):
+        tensors = data.tensors
+    elif isinstance(data, torch.Tensor):
+        tensors = (data,)
+    elif isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        tensors = tuple(data)
+    else:
+        raise ConfigError(f"calibration data must be a TensorDataset, a tensor of inputs or an (x, y) tuple of "
+                          f"tensors, got {type(data).__name__}")
+    x = tensors[0]
+    y = tensors[1] if len(tensors) > 1 else None
+    if y is not None and len(y) != len(x):
+        raise ConfigError(f"calibration data has {len(x)} inputs but {len(y)} labels")
+    return x.float(), y
+
+
+def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([flatten_outputs(model(x[i:i + batch_size]))[0] for i in range(0, len(x), batch_size)])
+
+
+def output_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
+    """Mean KL(teacher || student) over samples (softmax over the last dimension)."""
+    t = F.log_softmax(teacher_logits.flatten(0, -2).double(), dim=-1)
+    s = F.log_softmax(student_logits.flatten(0, -2).double(), dim=-1)
+    return float(F.kl_div(s, t, log_target=True, reduction="batchmean"))
+
+
+@dataclass
+class ImportanceTable:
+    """Metric (``-KL``, 0 for the original) and held-out accuracy per candidate, and how they were built."""
+
+    metric: list[float]
+    accuracy: list[float | None]
+    estimator: str
+    seconds: float
+    trained: int
+    original_accuracy: float | None
+    synthetic_data: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def importance(self) -> list[float]:
+        return [math.exp(m) for m in self.metric]
+
+    def summary(self) -> dict[str, Any]:
+        return {"estimator": self.estimator, "candidates": len(self.metric), "trained": self.trained,
+                "seconds": self.seconds, "original_accuracy": self.original_accuracy,
+                "synthetic_data": self.synthetic_data, "notes": self.notes}
+
+
+def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], calib: Calibration, *,
+                           estimator: Estimator = "local", steps: int = 30, lr: float = 1e-3,
+                           progress: bool = False) -> ImportanceTable:
+    """Score every candidate of ``choices`` on ``calib`` with ``estimator`` (``gm`` is not modified)."""
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"unknown importance estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    bs = calib.batch_size
+    teacher = _logits(gm, calib.eval_x, bs)
+    original_acc = _accuracy(teacher, calib.eval_y)
+    features = _features_for(gm, trunk, choices, calib) if estimator == "local" else {}
+    metric: list[float] = []
+    accuracy: list[float | None] = []
+    trained = 0
+    for choice in tqdm(choices, desc="importance", unit="cand", disable=not progress, leave=False):
+        if choice.kind in ("original", "barrier"):
+            metric.append(0.0)
+            accuracy.append(original_acc)
+            continue
+        if estimator == "finetune":
+            student, _ = apply_plan(gm, trunk, [choice])
+            recover(student, gm, calib.train_x, steps=steps, lr=lr, batch_size=bs, eval_batches=0)
+            trained += 1
+        else:
+            student, segments = apply_plan(gm, trunk, [choice], share_params=True)
+            if estimator == "local" and segments:
+                _train_locally(student, segments[0], trunk, choice, features, steps, lr, bs)
+                trained += 1
+        logits = _logits(student, calib.eval_x, bs)
+        metric.append(-output_kl(teacher, logits))
+        accuracy.append(_accuracy(logits, calib.eval_y))
+    notes = ["no calibration data: importance measured on standard-normal inputs"] if calib.synthetic else []
+    return ImportanceTable(metric, accuracy, estimator, time.perf_counter() - start, trained, original_acc,
+                           calib.synthetic, notes)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+    if labels is None or logits.dim() != 2:
+        return None
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def _region(student: GraphModule, segment: AppliedSegment) -> tuple[GraphModule, list[str]]:
+    """The segment's nodes as their own module (sharing ``student``'s tensors) and its input node names."""
+    names = set(segment.nodes)
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    inputs: list[str] = []
+
+    def arg(node: Node) -> Node:
+        if node not in env:
+            if node.op == "get_attr":
+                env[node] = graph.get_attr(node.target)  # type: ignore[arg-type]
+            else:
+                env[node] = graph.placeholder(node.name)
+                inputs.append(node.name)
+        return env[node]
+
+    for node in student.graph.nodes:
+        if node.name in names:
+            env[node] = graph.node_copy(node, arg)
+    graph.output(env[next(n for n in student.graph.nodes if n.name == segment.output)])
+    return GraphModule(student, graph), inputs
+
+
+def _features_for(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], calib: Calibration
+                  ) -> dict[str, torch.Tensor]:
+    """Original values, on the training inputs, of every node a merged segment reads or must reproduce."""
+    wanted: set[str] = set()
+    for choice in choices:
+        if choice.kind == "merged":
+            wanted.add(trunk.positions[choice.start].node)
+            wanted.add(trunk.positions[choice.end].node)
+            wanted.update(_outside_inputs(gm, trunk, choice))
+    graph = share_graph(gm)
+    nodes = {n.name: n for n in graph.graph.nodes}
+    order = sorted(wanted, key=lambda n: list(nodes).index(n))
+    output = next(n for n in graph.graph.nodes if n.op == "output")
+    output.args = (tuple(nodes[n] for n in order),)
+    graph.recompile()
+    chunks: list[tuple[torch.Tensor, ...]] = []
+    with torch.no_grad():
+        for i in range(0, len(calib.train_x), calib.batch_size):
+            chunks.append(graph(calib.train_x[i:i + calib.batch_size]))
+    return {name: torch.cat([c[k] for c in chunks]) for k, name in enumerate(order)}
+
+
+def _outside_inputs(gm: GraphModule, trunk: Trunk, choice: SegmentChoice) -> list[str]:
+    """Shortcut values a segment adds that come from before it (an outside residual join)."""
+    from .trunk import Join
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = []
+    for item in trunk.between(choice.start, choice.end):
+        if isinstance(item, Join) and item.entry < choice.start:
+            other = nodes[item.node].args[1 - item.body_arg]
+            if isinstance(other, Node):
+                out.append(other.name)
+    return out
+
+
+def _train_locally(student: GraphModule, segment: AppliedSegment, trunk: Trunk, choice: SegmentChoice,
+                   features: dict[str, torch.Tensor], steps: int, lr: float, batch_size: int) -> None:
+    """Fit the merged segment to the original segment's output (MSE, scaled by the target's variance).
+
+    Its parameters are first replaced by private copies on ``student``, so the original stays untouched.
+    """
+    region, inputs = _region(student, segment)
+    params: list[nn.Parameter] = []
+    for node in region.graph.nodes:
+        if node.op == "get_attr":
+            owner_path, _, attr = node.target.rpartition(".")
+            value = getattr(student.get_submodule(owner_path), attr)
+            if isinstance(value, nn.Parameter) and all(p is not value for p in params):
+                copy = nn.Parameter(value.detach().clone())
+                setattr(student.get_submodule(owner_path), attr, copy)
+                owner = region.get_submodule(owner_path) if owner_path else region
+                setattr(owner, attr, copy)
+                params.append(copy)
+    if not params:
+        return
+    target = features[trunk.positions[choice.end].node]
+    start_name = trunk.positions[choice.start].node
+    feeds = [features[start_name if name == segment.input else name] for name in inputs]
+    scale = float(target.var()) or 1.0
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(target), (batch_size,), generator=generator)
+        loss = F.mse_loss(region(*(f[idx] for f in feeds)), target[idx]) / scale
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()

@@ -1,0 +1,294 @@
+"""LayerMerge's latency table ``T(s, e, candidate)``, measured on the target backend and cached on disk.
+
+Each candidate replacement of a segment becomes a tiny ONNX model at its real input shape (its conv(s),
+the shortcut add and the trailing activation, batch norm folded as at deployment) and is timed by the
+:class:`~depthfold.backends.LatencyProbe` the API hands the pass (ONNX Runtime CPU by default, TVM, a
+GPU, a remote board). Identical layers are measured once: entries are keyed by the layer's op signature
+and the probe's fingerprint (backend, device, threads, machine, library versions, timing settings) and
+stored one JSON file each with a checksum, so a rerun is instant, an interrupted build resumes, and a
+corrupted or foreign entry is detected, deleted and re-measured, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch.fx import GraphModule
+
+from ..._atomic import atomic_write
+from ...cache import cache_dir
+from ...errors import ConfigError
+from .candidates import SegmentChoice
+from .jobs import run_jobs
+from .trunk import Act, Join, Layer, Trunk
+
+__all__ = ["LatencyTable", "LayerSpec", "build_latency_table", "choice_spec", "measure_spec"]
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+OPSET = 18
+_CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a candidate costs at deployment: ops applied to an input of ``input_shape``.
+
+    ``ops`` entries: ``("conv", out_channels, kh, kw, sh, sw, ph, pw, groups)``,
+    ``("act", onnx_op, params)``, ``("add", shortcut_shape, side_convs)``.
+    """
+
+    input_shape: tuple[int, ...]
+    ops: tuple[tuple[Any, ...], ...]
+
+    def signature(self) -> str:
+        return json.dumps({"input": list(self.input_shape), "ops": self.ops}, sort_keys=True, default=list)
+
+    def to_onnx(self) -> onnx.ModelProto:
+        """A standalone ONNX model of the layer with random weights (fixed seed)."""
+        rng = np.random.default_rng(0)
+        nodes: list[onnx.NodeProto] = []
+        inits: list[onnx.TensorProto] = []
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(self.input_shape))]
+        counter = iter(range(10_000))
+
+        def conv(value: str, channels: int, op: tuple[Any, ...]) -> tuple[str, int]:
+            _, cout, kh, kw, sh, sw, ph, pw, groups = op
+            i = next(counter)
+            w = rng.standard_normal((cout, channels // groups, kh, kw), dtype=np.float32) * 0.05
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}"))
+            nodes.append(helper.make_node("Conv", [value, f"w{i}", f"b{i}"], [f"c{i}"], kernel_shape=[kh, kw],
+                                          strides=[sh, sw], pads=[ph, pw, ph, pw], group=groups))
+            return f"c{i}", cout
+
+        value, channels = "x", int(self.input_shape[1])
+        for op in self.ops:
+            if op[0] == "conv":
+                value, channels = conv(value, channels, op)
+            elif op[0] == "act":
+                value = _onnx_activation(nodes, inits, value, op[1], op[2], next(counter))
+            elif op[0] == "add":
+                _, shape, side = op
+                inputs.append(helper.make_tensor_value_info("shortcut", TensorProto.FLOAT, list(shape)))
+                short, short_c = "shortcut", int(shape[1])
+                for side_op in side:
+                    short, short_c = conv(short, short_c, side_op)
+                i = next(counter)
+                nodes.append(helper.make_node("Add", [value, short], [f"a{i}"]))
+                value = f"a{i}"
+        nodes.append(helper.make_node("Identity", [value], ["y"]))
+        graph = helper.make_graph(nodes, "layer", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                          None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = 8
+        return model
+
+    def example_inputs(self) -> tuple[np.ndarray, ...]:
+        rng = np.random.default_rng(1)
+        shapes = [self.input_shape] + [op[1] for op in self.ops if op[0] == "add"]
+        return tuple(rng.standard_normal(s, dtype=np.float32) for s in shapes)
+
+
+def _onnx_activation(nodes: list, inits: list, value: str, op: str, params: tuple[Any, ...], i: int) -> str:
+    out = f"act{i}"
+    if op == "Clip":
+        lo, hi = params
+        inits.append(numpy_helper.from_array(np.array(lo, np.float32), f"lo{i}"))
+        inits.append(numpy_helper.from_array(np.array(hi, np.float32), f"hi{i}"))
+        nodes.append(helper.make_node("Clip", [value, f"lo{i}", f"hi{i}"], [out]))
+    elif op == "Silu":
+        nodes.append(helper.make_node("Sigmoid", [value], [f"sg{i}"]))
+        nodes.append(helper.make_node("Mul", [value, f"sg{i}"], [out]))
+    elif op == "Gelu":  # erf form (ONNX Gelu needs opset 20, which not every backend imports)
+        inits.append(numpy_helper.from_array(np.array(1 / np.sqrt(2), np.float32), f"r{i}"))
+        inits.append(numpy_helper.from_array(np.array(1.0, np.float32), f"one{i}"))
+        inits.append(numpy_helper.from_array(np.array(0.5, np.float32), f"half{i}"))
+        nodes.append(helper.make_node("Mul", [value, f"r{i}"], [f"g0{i}"]))
+        nodes.append(helper.make_node("Erf", [f"g0{i}"], [f"g1{i}"]))
+        nodes.append(helper.make_node("Add", [f"g1{i}", f"one{i}"], [f"g2{i}"]))
+        nodes.append(helper.make_node("Mul", [value, f"g2{i}"], [f"g3{i}"]))
+        nodes.append(helper.make_node("Mul", [f"g3{i}", f"half{i}"], [out]))
+    else:
+        attrs = dict(params)
+        nodes.append(helper.make_node(op, [value], [out], **attrs))
+    return out
+
+
+def _activation_op(node: torch.fx.Node) -> tuple[Any, ...]:
+    """The ONNX op (and parameters) an activation node becomes."""
+    t, args = node.target, node.args
+    if t in (aten.relu.default, aten.relu_.default):
+        return ("act", "Relu", ())
+    if t is aten.relu6.default:
+        return ("act", "Clip", (0.0, 6.0))
+    if t in (aten.hardtanh.default, aten.hardtanh_.default):
+        return ("act", "Clip", (float(args[1]) if len(args) > 1 else -1.0, float(args[2]) if len(args) > 2 else 1.0))
+    if t in (aten.silu.default, aten.silu_.default):
+        return ("act", "Silu", ())
+    if t is aten.gelu.default:
+        return ("act", "Gelu", ())
+    if t in (aten.leaky_relu.default, aten.leaky_relu_.default):
+        return ("act", "LeakyRelu", (("alpha", float(args[1]) if len(args) > 1 else 0.01),))
+    if t in (aten.hardsigmoid.default,):
+        return ("act", "HardSigmoid", (("alpha", 1 / 6), ("beta", 0.5)))
+    simple = {aten.sigmoid.default: "Sigmoid", aten.tanh.default: "Tanh", aten.hardswish.default: "HardSwish",
+              aten.hardswish_.default: "HardSwish", aten.elu.default: "Elu", aten.softplus.default: "Softplus",
+              aten.mish.default: "Mish", aten.selu.default: "Selu"}
+    if t in simple:
+        return ("act", simple[t], ())
+    return ("act", "Relu", ())  # an elementwise op of similar cost
+
+
+def _conv_op(layer: Layer) -> tuple[Any, ...]:
+    return ("conv", layer.out_channels, *layer.kernel, *layer.stride, *layer.padding, layer.groups)
+
+
+def choice_spec(gm: GraphModule, trunk: Trunk, choice: SegmentChoice) -> LayerSpec | None:
+    """The deployed form of ``choice`` (``None`` for a barrier: its cost is the same for every plan)."""
+    if choice.kind == "barrier":
+        return None
+    nodes = {n.name: n for n in gm.graph.nodes}
+    items = trunk.between(choice.start, choice.end)
+    ops: list[tuple[Any, ...]] = []
+    if choice.kind == "merged":
+        g = choice.geometry
+        assert g is not None
+        ops.append(("conv", g.out_channels, *g.kernel, *g.stride, *g.padding, g.groups))
+    kept = set(choice.kept)
+    for item in items:
+        if isinstance(item, Layer) and choice.kind != "merged" and item.conv in kept:
+            ops.append(_conv_op(item))
+        elif isinstance(item, Join) and item.entry < choice.start:
+            shape = tuple(trunk.positions[item.entry].shape)
+            ops.append(("add", shape, tuple(_conv_op(s) for s in item.side)))
+        elif isinstance(item, Act) and item is items[-1]:
+            ops.append(_activation_op(nodes[item.node]))
+    return LayerSpec(tuple(trunk.positions[choice.start].shape), tuple(ops))
+
+
+def _overhead_spec(spec: LayerSpec) -> LayerSpec:
+    """An identity model at the layer's input shape: the per-call cost (feeding inputs, launching the
+    session) that a layer timed alone pays and a layer inside the whole model does not."""
+    return LayerSpec(spec.input_shape, ())
+
+
+def measure_spec(spec: LayerSpec, probe: Any) -> dict[str, Any]:
+    """Time one layer with ``probe`` (a job: runs in worker processes too)."""
+    return probe.measure(spec.to_onnx(), tuple(torch.from_numpy(a) for a in spec.example_inputs()))
+
+
+@dataclass
+class LatencyTable:
+    """Measured latency (median ms, with p10/p90 spread) per candidate, and how the table was built.
+
+    Each entry is the layer's time minus the time of an identity model at the same input shape (the call
+    overhead; on ORT CPU this brings the sum of a MobileNetV2's layers within ~2% of the whole model).
+    """
+
+    median_ms: list[float]
+    p10_ms: list[float]
+    p90_ms: list[float]
+    distinct_layers: int
+    cache_hits: int
+    measured: int
+    rejected_entries: int
+    """Cache entries found corrupted or not matching their key: deleted and re-measured."""
+    seconds: float
+    probe: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"candidates": len(self.median_ms), "distinct_layers": self.distinct_layers,
+                "cache_hits": self.cache_hits, "measured": self.measured,
+                "rejected_cache_entries": self.rejected_entries, "seconds": self.seconds, "probe": self.probe}
+
+
+def _entry_path(root: Path, key: str) -> Path:
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _checksum(key: str, result: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({"key": key, "result": result}, sort_keys=True).encode()).hexdigest()
+
+
+def _load_entry(path: Path, key: str) -> dict[str, Any] | None | bool:
+    """The cached result, ``None`` if absent, ``False`` if present but corrupt or for another key (deleted)."""
+    if not path.exists():
+        return None
+    try:
+        entry = json.loads(path.read_text())
+        ok = (entry.get("format") == _CACHE_FORMAT and entry.get("key") == key
+              and entry.get("checksum") == _checksum(key, entry["result"])
+              and float(entry["result"]["median_ms"]) >= 0.0)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if ok:
+        return entry["result"]
+    logger.warning("layermerge: latency cache entry %s is corrupted or stale; re-measuring", path.name)
+    path.unlink(missing_ok=True)
+    return False
+
+
+def _store_entry(path: Path, key: str, result: dict[str, Any]) -> None:
+    entry = {"format": _CACHE_FORMAT, "key": key, "result": result, "checksum": _checksum(key, result)}
+    atomic_write(path, lambda p: p.write_text(json.dumps(entry)))
+
+
+def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], probe: Any, *,
+                        executor: Any = None, use_cache: bool = True, progress: bool = False) -> LatencyTable:
+    """Measure every candidate of ``choices`` with ``probe`` (cached; identical layers timed once)."""
+    if probe is None:
+        raise ConfigError("layermerge needs a latency probe to build its table: run it through "
+                          "depthfold.optimize(...) or give PassContext(latency_probe=LatencyProbe(...))")
+    start = time.perf_counter()
+    fingerprint = probe.fingerprint()
+    root = cache_dir("layermerge", "latency")
+    specs = [choice_spec(gm, trunk, c) for c in choices]
+    distinct: dict[str, LayerSpec] = {}
+    for spec in specs:
+        if spec is not None and spec.ops:
+            distinct.setdefault(spec.signature(), spec)
+            overhead = _overhead_spec(spec)
+            distinct.setdefault(overhead.signature(), overhead)
+    results: dict[str, dict[str, Any]] = {}
+    hits = rejected = 0
+    todo: list[tuple[str, LayerSpec]] = []
+    for signature, spec in distinct.items():
+        key = json.dumps({"layer": signature, "probe": fingerprint}, sort_keys=True)
+        cached = _load_entry(_entry_path(root, key), key) if use_cache else None
+        if isinstance(cached, dict):
+            results[signature] = cached
+            hits += 1
+        else:
+            rejected += cached is False
+            todo.append((key, spec))
+
+    def store(index: int, result: dict[str, Any]) -> None:
+        key, spec = todo[index]
+        results[spec.signature()] = result
+        if use_cache:
+            _store_entry(_entry_path(root, key), key, result)
+
+    run_jobs(measure_spec, [(spec, probe) for _, spec in todo], store, executor=executor,
+             threads_per_job=int(fingerprint.get("threads", 1)), progress=progress, desc="latency table")
+    medians, p10s, p90s = [], [], []
+    for spec in specs:
+        r = results[spec.signature()] if spec is not None and spec.ops else None
+        base = float(results[_overhead_spec(spec).signature()]["median_ms"]) if r and spec else 0.0
+        medians.append(max(0.0, float(r["median_ms"]) - base) if r else 0.0)
+        p10s.append(max(0.0, float(r["p10_ms"]) - base) if r else 0.0)
+        p90s.append(max(0.0, float(r["p90_ms"]) - base) if r else 0.0)
+    return LatencyTable(medians, p10s, p90s, len(distinct), hits, len(todo), rejected,
+                        time.perf_counter() - start, fingerprint)

@@ -1,0 +1,245 @@
+"""recover: the LayerMerge recovery fine-tune distils the teacher back into a damaged student, in place."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Interpreter
+from torch.utils.data import TensorDataset
+
+import depthfold
+from depthfold import ir
+from depthfold.errors import ConfigError
+from depthfold.passes.recover import RecoverReport, recover
+from depthfold.zoo.data import digits_datasets
+
+BATCH = 32
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.act2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def make_teacher(seed: int = 0) -> SmallCNN:
+    """A random-init CNN with non-trivial BN statistics and confident (large) logits."""
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.copy_(torch.rand(8, generator=gen) * 0.2 - 0.1)
+            bn.running_var.copy_(torch.rand(8, generator=gen) * 0.5 + 0.5)
+        model.fc.weight.mul_(4.0)
+    return model.eval()
+
+
+def perturbed(model: nn.Module, scale: float = 0.5, seed: int = 1) -> nn.Module:
+    """A deep copy with Gaussian noise of ``scale`` times each parameter's std added to its weights."""
+    student = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            std = float(p.std()) if p.numel() > 1 else 0.1
+            p.add_(torch.randn(p.shape, generator=gen) * scale * max(std, 0.05))
+    return student
+
+
+def kl(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        s, t = F.log_softmax(student(x), -1), F.log_softmax(teacher(x), -1)
+    return float(F.kl_div(s, t, reduction="batchmean", log_target=True))
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def node_values(gm: GraphModule, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+    """The values of the named fx nodes on input ``x`` (an independent check of the feature tap)."""
+    interp = Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interp.run(x)
+    by_name = {node.name: value for node, value in interp.env.items()}
+    return [by_name[name] for name in names]
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[TensorDataset, TensorDataset]:
+    return digits_datasets(resolution=8, channels=1)
+
+
+@pytest.fixture(scope="module")
+def captured_pair(digits) -> tuple[GraphModule, GraphModule]:
+    """(teacher, student) as captured GraphModules at batch size ``BATCH``."""
+    train, _ = digits
+    example = (train.tensors[0][:BATCH],)
+    teacher = make_teacher()
+    return ir.capture(teacher, example).graph_module, ir.capture(perturbed(teacher), example).graph_module
+
+
+def test_recover_distils_teacher_into_perturbed_student(digits) -> None:
+    train, test = digits
+    teacher = make_teacher()
+    student = perturbed(teacher).train()
+    teacher_state, student_state = snapshot(teacher), snapshot(student)
+    x_test = test.tensors[0]
+    held_out_before = kl(student.eval(), teacher, x_test)
+    student.train()
+
+    report = recover(student, teacher, train, steps=60, lr=1e-2, batch_size=BATCH)
+
+    assert isinstance(report, RecoverReport)
+    held_out_after = kl(student.eval(), teacher, x_test)
+    assert held_out_after < 0.5 * held_out_before, (held_out_before, held_out_after)
+    assert report.steps == 60 and report.seconds > 0
+    assert report.kl_after < 0.5 * report.kl_before
+    assert report.loss_last < report.loss_first
+    assert report.to_dict() == {"steps": 60, "seconds": report.seconds, "loss_first": report.loss_first,
+                                "loss_last": report.loss_last, "kl_before": report.kl_before,
+                                "kl_after": report.kl_after}
+    after = snapshot(teacher)
+    assert all(torch.equal(after[k], v) for k, v in teacher_state.items()), "teacher was modified"
+    assert not teacher.training
+    assert any(not torch.equal(v, student_state[k]) for k, v in student.state_dict().items() if "weight" in k)
+
+
+def test_recover_restores_modes_and_never_touches_a_training_teacher(digits) -> None:
+    train, _ = digits
+    teacher = make_teacher().train()  # train-mode BN would update its running stats if run as such
+    state = snapshot(teacher)
+    student = perturbed(teacher).eval()
+    report = recover(student, teacher, train, steps=3, batch_size=16, eval_batches=0)
+    assert teacher.training and not student.training
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in state.items())
+    assert report.kl_before != report.kl_before  # NaN: eval skipped
+    assert depthfold.recover is recover
+
+
+def test_recover_on_captured_graph_module(digits, captured_pair) -> None:
+    train, test = digits
+    teacher_gm, student_gm = captured_pair
+    teacher_gm, student_gm = copy.deepcopy(teacher_gm), copy.deepcopy(student_gm)
+    params = dict(student_gm.named_parameters())
+    assert params and all(isinstance(p, nn.Parameter) for p in params.values())
+    before = {k: p.detach().clone() for k, p in params.items()}
+    x_test = test.tensors[0][:BATCH]
+    held_out_before = kl(student_gm, teacher_gm, x_test)
+
+    report = recover(student_gm, teacher_gm, train, steps=40, lr=1e-2, batch_size=BATCH)
+
+    assert report.kl_after < 0.5 * report.kl_before
+    assert kl(student_gm, teacher_gm, x_test) < 0.5 * held_out_before
+    changed = [k for k, p in student_gm.named_parameters() if not torch.equal(p, before[k])]
+    assert len(changed) == len(params)
+
+
+def test_recover_with_labels(digits) -> None:
+    train, _ = digits
+    teacher = make_teacher()
+    report = recover(perturbed(teacher), teacher, train.tensors, steps=5, batch_size=BATCH, label_weight=0.5)
+    assert report.loss_first > 0
+
+
+def test_feature_matching_on_graph_modules(digits, captured_pair) -> None:
+    train, _ = digits
+    teacher_gm, student_gm = copy.deepcopy(captured_pair[0]), copy.deepcopy(captured_pair[1])
+    names = [n.name for n in student_gm.graph.nodes if n.op == "call_function"]
+    feature = "relu_1" if "relu_1" in names else [n for n in names if "relu" in n][-1]
+    x = train.tensors[0][:BATCH]
+
+    def feature_mse() -> float:
+        (s,), (t,) = node_values(student_gm, x, [feature]), node_values(teacher_gm, x, [feature])
+        return float(F.mse_loss(s, t))
+
+    mse_before = feature_mse()
+    weight_before = student_gm.get_parameter("conv1.weight").detach().clone()
+    recover(student_gm, teacher_gm, train, steps=40, lr=1e-2, batch_size=BATCH, feature_weight=1.0,
+            features=[(feature, feature)])
+    assert feature_mse() < 0.5 * mse_before
+    # the feature tap shares the student's parameters: training through it updated student_gm
+    assert not torch.equal(student_gm.get_parameter("conv1.weight"), weight_before)
+
+
+def test_feature_matching_on_modules_uses_hooks(digits) -> None:
+    train, _ = digits
+    teacher = make_teacher()
+    student = perturbed(teacher)
+    report = recover(student, teacher, train, steps=5, batch_size=BATCH, feature_weight=1.0,
+                     features=[("act1", "act1"), ("act2", "act2")])
+    assert report.steps == 5
+    assert not student._forward_hooks and not student.act1._forward_hooks and not teacher.act2._forward_hooks
+
+
+def test_unknown_feature_names(digits, captured_pair) -> None:
+    train, _ = digits
+    teacher_gm, student_gm = captured_pair
+    with pytest.raises(ConfigError, match=r"student graph has no node 'relu_9'.*Valid node names include \['conv2d'"):
+        recover(student_gm, teacher_gm, train, steps=1, batch_size=BATCH, feature_weight=1.0,
+                features=[("relu_9", "relu")])
+    teacher = make_teacher()
+    with pytest.raises(ConfigError, match=r"teacher has no submodule 'act3'.*did you mean 'act2'\? Valid names include \['conv1'"):
+        recover(perturbed(teacher), teacher, train, steps=1, feature_weight=1.0, features=[("act1", "act3")])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": 0}, r"steps must be a positive integer, got 0"),
+        ({"lr": 0.0}, r"lr must be positive, got 0.0"),
+        ({"batch_size": 0}, r"batch_size must be a positive integer"),
+        ({"temperature": -1.0}, r"temperature must be positive"),
+        ({"label_weight": 1.0, "data": "inputs-only"}, r"label_weight=1.0 needs labels"),
+        ({"data": torch.empty(0, 1, 8, 8)}, r"data is empty"),
+        ({"data": [1, 2, 3]}, r"data must be a TensorDataset"),
+        ({"data": {"x": 1}}, r"data must be .*got dict"),
+        ({"data": "wrong-shape"}, r"rejected a batch of inputs of shape \(16, 3, 8, 8\).*in_channels=1"),
+        ({"feature_weight": 1.0}, r"needs features="),
+    ],
+)
+def test_bad_arguments_raise_config_error(digits, kwargs, match) -> None:
+    train, _ = digits
+    teacher = make_teacher()
+    student = perturbed(teacher)
+    state = snapshot(student)
+    data = kwargs.pop("data", train)
+    if isinstance(data, str) and data == "inputs-only":
+        data = train.tensors[0]
+    elif isinstance(data, str) and data == "wrong-shape":
+        data = torch.randn(16, 3, 8, 8)
+    with pytest.raises(ConfigError, match=match):
+        recover(student, teacher, data, **{"steps": 2, "batch_size": 16, **kwargs})
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in state.items())
+
+
+def test_wrong_input_shape_on_graph_module_names_capture_shape(captured_pair) -> None:
+    teacher_gm, student_gm = captured_pair
+    with pytest.raises(ConfigError, match=r"student rejected .* shape \(8, 3, 8, 8\).*captured with inputs of "
+                                          r"shape \(32, 1, 8, 8\).*batch_size"):
+        recover(student_gm, teacher_gm, torch.randn(8, 3, 8, 8), steps=1, batch_size=8)
+
+
+def test_output_shape_mismatch(digits) -> None:
+    train, _ = digits
+    teacher = make_teacher()
+    student = perturbed(teacher)
+    student.fc = nn.Linear(8, 5)
+    with pytest.raises(ConfigError, match=r"student outputs shape \(16, 5\) but the teacher \(16, 10\)"):
+        recover(student, teacher, train, steps=1, batch_size=16)
