@@ -24,9 +24,9 @@ def _snapshot(gm: torch.fx.GraphModule) -> tuple[str, dict[str, torch.Tensor]]:
 
 def _checked(name: str, fn):  # type: ignore[no-untyped-def]
     @functools.wraps(fn)
-    def run(gm, config):  # type: ignore[no-untyped-def]
+    def run(gm, config, *context):  # type: ignore[no-untyped-def]
         code, state = _snapshot(gm)
-        result = fn(gm, config)
+        result = fn(gm, config, *context)  # passes registered with uses_context also get a PassContext
         ir.structural_check(result.graph_module)
         after_code, after_state = _snapshot(gm)
         assert after_code == code, f"pass {name!r} edited its input graph"

@@ -242,15 +242,17 @@ def _meta_shape(gm: GraphModule, node: Node) -> tuple[int, ...]:
     return tuple(int(d) for d in result.shape)
 
 
-def merge_segments(gm: GraphModule, segments: Sequence[AppliedSegment]) -> tuple[GraphModule, list[Node]]:
+def merge_segments(gm: GraphModule, segments: Sequence[AppliedSegment]
+                   ) -> tuple[GraphModule, list[Node | None]]:
     """Replace each re-padded segment of a compressed network by one conv (its activation and an add of an
-    outside shortcut stay after it). Returns the new graph and the merged conv nodes."""
+    outside shortcut stay after it). Returns the new graph and, per segment, its merged conv node (``None``
+    where the segment is the identity: every conv pruned, nothing absorbed)."""
     out = ir.clone(gm)
     nodes = {n.name: n for n in out.graph.nodes}
-    merged_nodes: list[Node] = []
+    merged_nodes: list[Node | None] = []
     for seg in segments:
         members = [nodes[name] for name in seg.nodes]
-        x = nodes[seg.input]
+        x = nodes[seg.input]  # may be the merged conv of the segment before (it replaced that segment's output)
         values: dict[Node, _Affine] = {x: _Affine.identity(int(ir.shape_of(x)[1]))}  # type: ignore[index]
         affine_out = x
         for node in members:
@@ -260,7 +262,8 @@ def merge_segments(gm: GraphModule, segments: Sequence[AppliedSegment]) -> tuple
             values[node] = _affine_step(out, node, values)
             affine_out = node
         if affine_out is x:
-            continue  # every conv pruned and nothing absorbed: the segment is the identity
+            merged_nodes.append(None)  # every conv pruned and nothing absorbed: the segment is the identity
+            continue
         affine = values[affine_out]
         groups = _largest_groups(affine.weight)
         weight = grouped_weight(affine.weight, groups).to(torch.float32)
@@ -273,6 +276,7 @@ def merge_segments(gm: GraphModule, segments: Sequence[AppliedSegment]) -> tuple
                                                                   _segment_padding(members, x), [1, 1], groups))
         ir.record_origin(conv, "layermerge", [n for n in members if ops.is_conv(n)], like=affine_out)
         affine_out.replace_all_uses_with(conv)
+        nodes[affine_out.name] = conv
         merged_nodes.append(conv)
     out.graph.eliminate_dead_code()
     ir.prune_unused_attributes(out)

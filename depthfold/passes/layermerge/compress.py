@@ -27,7 +27,7 @@ from ...errors import ConfigError, PassError
 from ..base import Change, Exactness, PassContext, PassResult, Skip
 from ..recover import recover
 from ..registry import register_pass
-from .apply import apply_plan, merge_segments
+from .apply import META_SEGMENT, apply_plan, merge_segments
 from .candidates import Mode, enumerate_choices
 from .importance import build_importance_table, calibration_split, output_kl
 from .latency_table import build_latency_table
@@ -36,6 +36,7 @@ from .trunk import analyze_trunk
 
 __all__ = ["LayerMergeConfig", "layermerge"]
 
+_REPAD_TARGETS = (torch.ops.aten.constant_pad_nd.default, torch.ops.aten.slice.Tensor)
 _MERGE_RTOL = 1e-4
 """The deployment merge must reproduce the compressed network to this error relative to its output scale."""
 
@@ -143,6 +144,10 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
     merged, merged_nodes = merge_segments(compressed, segments)
     ir.annotate(merged, inputs)
     merge_error = _check_merge(compressed, merged, calib.eval_x[: calib.batch_size], inputs)
+    residue = [n.name for n in merged.graph.nodes if META_SEGMENT in n.meta and n.target in _REPAD_TARGETS]
+    if residue:
+        raise PassError(f"layermerge: re-padding nodes {', '.join(residue[:5])} survived the merge; this is a bug "
+                        "in the merge, please report it with the model")
     measured_ms = float(context.latency_probe.measure(merged, inputs)["median_ms"])
     with torch.no_grad():
         teacher = torch.cat([ir.flatten_outputs(gm(calib.eval_x[i:i + calib.batch_size]))[0]
@@ -151,7 +156,7 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
                              for i in range(0, len(calib.eval_x), calib.batch_size)])
     predicted_ms = plan.latency + fixed_ms
     changes = []
-    merged_by_segment = {seg.index: node.name for seg, node in zip(segments, merged_nodes)}
+    merged_by_segment = {seg.index: node.name for seg, node in zip(segments, merged_nodes) if node is not None}
     seg_index = 0
     for cand, choice in zip(plan.chosen, chosen):
         if choice.kind in ("original", "barrier"):
