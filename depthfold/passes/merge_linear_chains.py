@@ -28,9 +28,11 @@ via Two-Stage Dynamic Programming" (Kim et al., ICML 2023, arXiv:2301.12187).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
@@ -270,18 +272,24 @@ def dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return dense
 
 
-def _block_mask(rows: int, cols: int, groups: int) -> torch.Tensor:
-    r = torch.arange(rows) // (rows // groups)
-    c = torch.arange(cols) // (cols // groups)
-    return r[:, None] == c[None, :]
-
-
+@functools.lru_cache(maxsize=4096)
 def merged_groups(c1: int, g1: int, g2: int, c2: int, cin: int) -> int:
-    """Largest group count whose block structure contains the composed channel connectivity."""
-    connectivity = (_block_mask(c2, c1, g2).double() @ _block_mask(c1, cin, g1).double()) > 0
+    """Largest group count whose block structure contains the composed channel connectivity.
+
+    Conv 1 (``cin -> c1``, ``g1`` groups) then conv 2 (``c1 -> c2``, ``g2`` groups): output channel ``o``
+    reads the middle channels of its ``g2`` block, which read a contiguous range of input channels (the
+    ``g1`` blocks they fall in). The answer is the largest ``G`` dividing ``c2`` and ``cin`` whose blocks
+    contain every output channel's range.
+    """
+    out = np.arange(c2)
+    mid_lo = (out // (c2 // g2)) * (c1 // g2)
+    mid_hi = mid_lo + c1 // g2 - 1
+    in_lo = (mid_lo // (c1 // g1)) * (cin // g1)
+    in_hi = (mid_hi // (c1 // g1) + 1) * (cin // g1)
     for groups in sorted({g for g in range(1, math.gcd(c2, cin) + 1) if c2 % g == 0 and cin % g == 0},
                          reverse=True):
-        if not (connectivity & ~_block_mask(c2, cin, groups)).any():
+        block = out // (c2 // groups)
+        if np.all(in_lo >= block * (cin // groups)) and np.all(in_hi <= (block + 1) * (cin // groups)):
             return groups
     return 1
 
