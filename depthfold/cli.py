@@ -97,14 +97,41 @@ def load_model(spec: str, *, resolution: int | None = None, input_shape: str | N
     return model, inputs, f"{path.stem}:{factory_name}"
 
 
+def load_data(spec: str | None, inputs: tuple[Any, ...]) -> Any:
+    """Calibration data for ``--data``: ``digits`` (the train split at the model's resolution) or an ``.npz``
+    file holding ``x`` (and optionally ``y``) arrays. Loaded without pickle."""
+    if spec is None:
+        return None
+    shape = tuple(inputs[0].shape)
+    if spec == "digits":
+        from .zoo import digits_datasets
+
+        train, _ = digits_datasets(resolution=shape[-1], channels=shape[1])
+        return train
+    path = Path(spec)
+    if path.suffix != ".npz" or not path.is_file():
+        raise ConfigError(f"--data {spec!r}: expected 'digits' or an existing .npz file with arrays 'x' [and 'y']")
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as npz:
+        if "x" not in npz:
+            raise ConfigError(f"--data {spec!r} has no array 'x' (found: {', '.join(npz.files)}); save the inputs "
+                              "as np.savez(path, x=inputs, y=labels)")
+        x = torch.from_numpy(npz["x"]).float()
+        y = torch.from_numpy(npz["y"]).long() if "y" in npz else None
+    return (x, y) if y is not None else x
+
+
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from .api import DEFAULT_PASSES, optimize
 
     model, inputs, name = load_model(args.model, resolution=args.resolution, input_shape=args.input_shape,
                                      pretrained=args.pretrained)
     passes = split_pass_list(args.passes) if args.passes else list(DEFAULT_PASSES)
+    data = load_data(args.data or ("digits" if args.pretrained == "digits" else None), inputs)
     result = optimize(model, inputs, passes, max_steps=args.max_steps, dump_dir=args.dump_dir,
-                      progress=not args.quiet)
+                      progress=not args.quiet, data=data, backend=args.backend, device=args.device,
+                      threads=args.threads, executor=args.executor)
     result.report["model"]["name"] = name
     paths = result.save(args.out, measure=args.measure)
     summary = result.report["summary"]
@@ -249,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--max-steps", type=int, default=1, help="repeat the pipeline until nothing changes")
     opt.add_argument("--dump-dir", help="write graph code before/after each pass here")
     opt.add_argument("--measure", action="store_true", help="also time original vs optimized in ORT")
+    opt.add_argument("--data", help="calibration data for layermerge: 'digits' (default with --pretrained digits) "
+                                    "or an .npz file with arrays x [and y]")
+    opt.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tvm"],
+                     help="where latency-driven passes measure (the deployment backend)")
+    opt.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    opt.add_argument("--threads", type=int, default=1)
+    opt.add_argument("--executor", default=None, choices=["process", "serial", "ray"],
+                     help="where table-building jobs run (default: a local process pool)")
     opt.set_defaults(func=_cmd_optimize)
 
     bench = sub.add_parser("bench", help="time ONNX artifacts in ONNX Runtime (interleaved), or a TVM artifact")

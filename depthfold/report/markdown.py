@@ -51,6 +51,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"- `{name}` at `{s['site']}`: {s['reason']}" for name, s in shown]
         if len(skips) > len(shown):
             lines.append(f"- … and {len(skips) - len(shown)} more (see report.json)")
+    for rec in report["passes"]:
+        if rec["name"] == "layermerge" and rec.get("details"):
+            lines += _layermerge_section(rec["details"])
     accuracy = report.get("accuracy")
     if accuracy:
         lines += ["", "## Accuracy", "", f"{accuracy['dataset']}: original {accuracy['original']:.4f}, "
@@ -72,3 +75,28 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Speed-up (median of per-round ratios): **{sp['median']:.3f}×** "
                   f"(p10 {sp['p10']:.3f}, p90 {sp['p90']:.3f})."]
     return "\n".join(lines) + "\n"
+
+
+def _layermerge_section(d: dict[str, Any]) -> list[str]:
+    lat, acc, tables = d["latency"], d["accuracy"], d["tables"]
+    lines = ["", f"## LayerMerge ({d['mode']} mode, {tables['importance']['estimator']} importance)", "",
+             f"Latency on {tables['latency']['probe'].get('backend')}/{tables['latency']['probe'].get('device')}: "
+             f"original {lat['original_ms']:.3f} ms, predicted {lat['predicted_ms']:.3f} ms "
+             f"({lat['predicted_speedup']:.2f}×), measured {lat['measured_ms']:.3f} ms "
+             f"({lat['measured_speedup']:.2f}×).",
+             f"Calibration accuracy: original {_num(acc['original'])}, compressed before recovery "
+             f"{_num(acc['compressed_before_recovery'])}, after recovery {_num(acc['after_recovery'])} "
+             f"(output KL {acc['output_kl']:.4f}, {acc['samples']} held-out samples"
+             f"{', synthetic inputs' if acc['synthetic_data'] else ''}).",
+             f"Tables: {tables['latency']['distinct_layers']} distinct layers ({tables['latency']['cache_hits']} "
+             f"cached, {tables['latency']['measured']} measured) in {tables['latency']['seconds']:.1f} s; importance "
+             f"of {tables['importance']['candidates']} candidates in {tables['importance']['seconds']:.1f} s; "
+             f"solve {d['timings']['solve_s'] * 1000:.1f} ms.", "",
+             "| segment | replacement | kernel | latency ms | importance |", "|---|---|---|---|---|"]
+    for p in d["plan"]:
+        if p["kind"] in ("original", "barrier"):
+            continue
+        kernel = "×".join(map(str, p["kernel"])) if p.get("kernel") else ""
+        lines.append(f"| ({p['start']}, {p['end']}] | {p['label']} | {kernel} | {p['latency_ms']:.3f} | "
+                     f"{p['importance']:.4f} |")
+    return lines

@@ -62,6 +62,7 @@ def share_graph(gm: GraphModule) -> GraphModule:
     graph = Graph()
     remap = graph.graph_copy(gm.graph, {})
     graph.output(remap)
+    graph.set_codegen(gm.graph._codegen)  # keep the captured module's input/output packing
     for old, new in zip(gm.graph.nodes, graph.nodes):
         new.meta = dict(old.meta)
     return GraphModule(gm, graph, class_name=type(gm).__name__)

@@ -119,7 +119,8 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
                   for i, c in enumerate(choices)]
     clock = time.perf_counter()
     try:
-        plan = solve_plan(candidates, num_positions=trunk.num_positions, budget=target_ms - fixed_ms,
+        # A target below the fixed part is infeasible; a tiny positive budget lets the solver say by how much.
+        plan = solve_plan(candidates, num_positions=trunk.num_positions, budget=max(target_ms - fixed_ms, 1e-9),
                           resolution=config.resolution)
     except InfeasibleBudgetError as err:
         fastest = err.min_latency + fixed_ms

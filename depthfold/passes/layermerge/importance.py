@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.graph import CodeGen
 
 from ...errors import ConfigError
 from ...ir import flatten_outputs
@@ -147,6 +148,8 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
     teacher = _logits(gm, calib.eval_x, bs)
     original_acc = _accuracy(teacher, calib.eval_y)
     features = _features_for(gm, trunk, choices, calib) if estimator == "local" else {}
+    suffix_inputs = _suffix_inputs(gm, trunk) if estimator != "finetune" else {}
+    cached = _original_values(gm, sorted(set().union(*suffix_inputs.values())), calib.eval_x, bs)
     metric: list[float] = []
     accuracy: list[float | None] = []
     trained = 0
@@ -159,17 +162,88 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
             student, _ = apply_plan(gm, trunk, [choice])
             recover(student, gm, calib.train_x, steps=steps, lr=lr, batch_size=bs, eval_batches=0)
             trained += 1
+            logits = _logits(student, calib.eval_x, bs)
         else:
             student, segments = apply_plan(gm, trunk, [choice], share_params=True)
             if estimator == "local" and segments:
                 _train_locally(student, segments[0], trunk, choice, features, steps, lr, bs)
                 trained += 1
-        logits = _logits(student, calib.eval_x, bs)
+            logits = _suffix_logits(student, trunk.positions[choice.start].node, cached, calib.eval_x, bs)
         metric.append(-output_kl(teacher, logits))
         accuracy.append(_accuracy(logits, calib.eval_y))
     notes = ["no calibration data: importance measured on standard-normal inputs"] if calib.synthetic else []
     return ImportanceTable(metric, accuracy, estimator, time.perf_counter() - start, trained, original_acc,
                            calib.synthetic, notes)
+
+
+def _descendants(gm: GraphModule, start: str) -> list[Node]:
+    """Nodes downstream of ``start`` (exclusive), in graph order: all a segment starting there can change."""
+    seen: set[Node] = set()
+    first = next(n for n in gm.graph.nodes if n.name == start)
+    stack = list(first.users)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.users)
+    return [n for n in gm.graph.nodes if n in seen]
+
+
+def _suffix_inputs(gm: GraphModule, trunk: Trunk) -> dict[str, set[str]]:
+    """Per segment start node: the unchanged values the rest of the network reads (itself, shortcuts)."""
+    out: dict[str, set[str]] = {}
+    for position in trunk.positions[:-1]:
+        inside = set(_descendants(gm, position.node))
+        out[position.node] = {a.name for n in inside for a in n.all_input_nodes
+                              if a not in inside and a.op not in ("get_attr", "placeholder")}
+    return out
+
+
+def _original_values(gm: GraphModule, names: list[str], x: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    if not names:
+        return {}
+    tapped = share_graph(gm)
+    nodes = {n.name: n for n in tapped.graph.nodes}
+    output = next(n for n in tapped.graph.nodes if n.op == "output")
+    output.args = (tuple(nodes[n] for n in names),)
+    tapped.graph.set_codegen(CodeGen())
+    tapped.recompile()
+    with torch.no_grad():
+        chunks = [tapped(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return {name: torch.cat([c[k] for c in chunks]) for k, name in enumerate(names)}
+
+
+def _suffix_logits(student: GraphModule, start: str, cached: dict[str, torch.Tensor], x: torch.Tensor,
+                   batch_size: int) -> torch.Tensor:
+    """The student's output computed from the original's values at ``start`` (everything before is the
+    original's, unchanged), running only the part of the network after it; the full network if a needed
+    value was not cached."""
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    feeds: list[str] = []
+
+    def arg(node: Node) -> Node:
+        if node not in env:
+            if node.op == "get_attr":
+                env[node] = graph.get_attr(node.target)  # type: ignore[arg-type]
+            else:
+                env[node] = graph.placeholder(node.name)
+                feeds.append(node.name)
+        return env[node]
+
+    out_node = None
+    for node in _descendants(student, start):
+        if node.op == "output":
+            out_node = node
+            continue
+        env[node] = graph.node_copy(node, arg)
+    if out_node is None or any(name not in cached for name in feeds):
+        return _logits(student, x, batch_size)
+    graph.output(torch.fx.map_arg(out_node.args[0], lambda n: env[n] if n in env else arg(n)))
+    suffix = GraphModule(student, graph)
+    with torch.no_grad():
+        return torch.cat([flatten_outputs(suffix(*(cached[f][i:i + batch_size] for f in feeds)))[0]
+                          for i in range(0, len(x), batch_size)])
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
@@ -215,6 +289,7 @@ def _features_for(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice
     order = sorted(wanted, key=lambda n: list(nodes).index(n))
     output = next(n for n in graph.graph.nodes if n.op == "output")
     output.args = (tuple(nodes[n] for n in order),)
+    graph.graph.set_codegen(CodeGen())  # a plain tuple out, not the captured model's output structure
     graph.recompile()
     chunks: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():

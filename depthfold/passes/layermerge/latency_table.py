@@ -94,6 +94,10 @@ class LayerSpec:
                                                                                           None)], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         model.ir_version = 8
+        inferred = onnx.shape_inference.infer_shapes(model)
+        model.graph.output[0].CopyFrom(next(v for v in inferred.graph.value_info if v.name == value)
+                                       if value != "x" else inferred.graph.input[0])
+        model.graph.output[0].name = "y"
         return model
 
     def example_inputs(self) -> tuple[np.ndarray, ...]:

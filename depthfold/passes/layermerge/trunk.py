@@ -197,8 +197,10 @@ def _trunk_input(gm: GraphModule) -> Node:
         shape = ir.shape_of(node)
         if shape is not None and len(shape) == 4 and any(ops.is_conv(u) for u in _downstream(node, 8)):
             return node
-    raise ConfigError("layermerge needs a 4-D image input (N, C, H, W) that feeds a conv2d; found inputs "
-                      + ", ".join(f"{n.name} {ir.shape_of(n)}" for n in placeholders))
+    raise ConfigError("layermerge found nothing to merge: it needs a 4-D image input (N, C, H, W) followed "
+                      "(within a few ops) by a 2-D convolution, and the inputs "
+                      + ", ".join(f"{n.name} {ir.shape_of(n)}" for n in placeholders)
+                      + " feed none; LayerMerge compresses CNNs (use the exact passes for other models)")
 
 
 def _downstream(node: Node, depth: int) -> list[Node]:

@@ -76,9 +76,6 @@ def torch_reference(spec: LayerSpec, model: onnx.ModelProto, inputs: tuple[np.nd
     return value.numpy()
 
 
-@pytest.mark.xfail(strict=True, raises=onnx.checker.ValidationError,
-                   reason="depthfold bug: LayerSpec.to_onnx declares the graph output 'y' with no shape field "
-                          "(make_tensor_value_info(..., None)); onnx.checker rejects it. ORT still runs it.")
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_layer_spec_to_onnx_passes_the_checker(name: str) -> None:
     onnx.checker.check_model(SPECS[name].to_onnx())

@@ -55,7 +55,7 @@ def cache(setup: Setup, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zero_shot(setup: Setup, tmp_path_factory):
+def zero_shot(setup: Setup):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEPTHFOLD_CACHE", str(setup.cache))
         state = {k: v.clone() for k, v in setup.model.state_dict().items()}
@@ -148,7 +148,6 @@ NEGATIVE_BUDGET_BUG = ("depthfold bug: when the target is below fixed_ms (the la
 
 # With real timings fixed_ms is positive for this model (~0.02 ms of 0.2 ms), so speedup=50 hits the bug; on a
 # model whose table overestimates the trunk, fixed_ms can be negative and the test passes.
-@pytest.mark.xfail(strict=False, raises=ConfigError, reason=NEGATIVE_BUDGET_BUG)
 def test_layermerge_unreachable_speedup(setup: Setup, cache: Path) -> None:
     with pytest.raises(InfeasibleBudgetError, match="fastest") as info:
         depthfold.optimize(setup.model, (setup.x,), [f"layermerge:speedup=50,importance=zero_shot,{SMALL}"],
@@ -164,7 +163,7 @@ def test_layermerge_calibration_data_of_the_wrong_shape(setup: Setup, cache: Pat
 
 def test_layermerge_on_a_model_without_convs(cache: Path) -> None:
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10))
-    with pytest.raises(ConfigError, match="conv2d"):
+    with pytest.raises(ConfigError, match="nothing to merge"):
         depthfold.optimize(mlp, (torch.randn(1, 3, 8, 8),), ["layermerge:speedup=1.5"])
 
 
@@ -201,19 +200,16 @@ class FusingProbe:
         return {"median_ms": ms, "p10_ms": ms, "p90_ms": ms}
 
 
-@pytest.mark.xfail(strict=True, reason="depthfold bug: a plan of only original layers, segmented more coarsely "
-                   "than one position per segment, is predicted faster than the model itself (fixed_ms is "
-                   "calibrated on single-position originals), so layermerge returns the unchanged network as "
-                   "meeting a speedup target")
 def test_unchanged_network_never_meets_a_speedup_target(cache: Path) -> None:
     try:
         (record,) = run_with_fake_probe("layermerge:speedup=1.05")
     except InfeasibleBudgetError:
         return
     latency = record.details["latency"]
-    assert latency["measured_ms"] == latency["original_ms"] == 10.4  # the probe is exact for whole models
+    assert latency["original_ms"] == 10.4  # the probe is exact for whole models
     assert record.changed, (f"nothing changed, yet predicted {latency['predicted_ms']:.2f} ms "
                             f"(speedup {latency['predicted_speedup']:.3f}) for a {latency['original_ms']} ms model")
+    assert latency["measured_ms"] < latency["original_ms"]
 
 
 def run_with_fake_probe(spec: str) -> list:
@@ -232,7 +228,6 @@ def test_unreachable_speedup_names_the_fastest_plan(cache: Path) -> None:
     assert 10.4 / 3 < info.value.min_latency < 10.4
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=NEGATIVE_BUDGET_BUG)
 def test_target_below_the_fixed_latency_is_infeasible(cache: Path) -> None:
     with pytest.raises(InfeasibleBudgetError, match="fastest"):
         run_with_fake_probe("layermerge:speedup=50")  # 0.208 ms target < 2.4 ms outside the trunk
