@@ -31,7 +31,7 @@ from .apply import META_SEGMENT, apply_plan, merge_segments
 from .candidates import Mode, enumerate_choices
 from .importance import build_importance_table, calibration_split, output_kl
 from .latency_table import build_latency_table
-from .solver import Candidate, InfeasibleBudgetError, solve_plan
+from .solver import Candidate, InfeasibleBudgetError, Plan, solve_plan
 from .trunk import analyze_trunk
 
 __all__ = ["LayerMergeConfig", "layermerge"]
@@ -51,7 +51,7 @@ class LayerMergeConfig:
     """``layermerge``: prune convs and activations; ``depth``: remove activations and merge, never prune
     (Kim et al. 2023); ``layer``: prune convs only."""
     importance: Literal["zero_shot", "local", "finetune"] = "local"
-    importance_steps: int = 30
+    importance_steps: int = 20
     """Training steps per candidate for the ``local`` and ``finetune`` estimators."""
     max_span: int = 8
     """Longest segment, in positions."""
@@ -63,12 +63,18 @@ class LayerMergeConfig:
     resolution: float | None = None
     """DP latency step in ms (default: budget / 5000)."""
     batch_size: int = 64
-    eval_samples: int = 256
+    eval_samples: int = 128
     """Held-out calibration samples that importance and accuracy are measured on."""
     train_samples: int = 2048
     """Calibration samples used for training (local importance, recovery)."""
     use_cache: bool = True
-    """Reuse cached latency measurements (keyed by backend, device, versions and layer)."""
+    """Reuse cached table entries: latency keyed by backend, device, versions and layer; importance by
+    graph, weights, calibration data, estimator settings and candidate."""
+    replan: int = 2
+    """Measure the planned network and re-solve with the budget corrected by the error, up to this many
+    times (0: trust the table)."""
+    tolerance: float = 0.02
+    """Replanning stops once the measured latency is within this fraction of the target."""
 
 
 def _check(config: LayerMergeConfig) -> None:
@@ -82,7 +88,9 @@ def _check(config: LayerMergeConfig) -> None:
     for name in ("max_span", "max_kernel", "batch_size", "eval_samples", "train_samples"):
         if getattr(config, name) < 1:
             raise ConfigError(f"layermerge {name} must be >= 1, got {getattr(config, name)}")
-    for name in ("importance_steps", "recover_steps"):
+    if not 0.0 <= config.tolerance < 1.0:
+        raise ConfigError(f"layermerge tolerance must lie in [0, 1), got {config.tolerance}")
+    for name in ("importance_steps", "recover_steps", "replan"):
         if getattr(config, name) < 0:
             raise ConfigError(f"layermerge {name} must be >= 0, got {getattr(config, name)}")
 
@@ -104,7 +112,8 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
                                   use_cache=config.use_cache, progress=context.progress)
     whole_ms = float(context.latency_probe.measure(gm, inputs)["median_ms"])
     importance = build_importance_table(gm, trunk, choices, calib, estimator=config.importance,
-                                        steps=config.importance_steps, lr=config.lr, progress=context.progress)
+                                        steps=config.importance_steps, lr=config.lr, use_cache=config.use_cache,
+                                        progress=context.progress)
 
     originals = {c.start: i for i, c in enumerate(choices)
                  if c.end == c.start + 1 and c.kind in ("original", "barrier")}
@@ -118,17 +127,8 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
     candidates = [Candidate(c.start, c.end, latency.median_ms[i], importance.metric[i], i)
                   for i, c in enumerate(choices)]
     clock = time.perf_counter()
-    try:
-        # A target below the fixed part is infeasible; a tiny positive budget lets the solver say by how much.
-        plan = solve_plan(candidates, num_positions=trunk.num_positions, budget=max(target_ms - fixed_ms, 1e-9),
-                          resolution=config.resolution)
-    except InfeasibleBudgetError as err:
-        fastest = err.min_latency + fixed_ms
-        raise InfeasibleBudgetError(
-            f"layermerge: no plan reaches {target_ms:.3f} ms (the model measures {whole_ms:.3f} ms); the fastest "
-            f"plan is predicted at {fastest:.3f} ms (speedup {whole_ms / fastest:.2f}x). Ask for less, or allow "
-            "more candidates (max_span, max_kernel, mode=layermerge)", min_latency=fastest,
-            budget=target_ms) from err
+    plan, attempts = _plan_with_feedback(gm, trunk, choices, candidates, inputs, context, config,
+                                         target_ms=target_ms, fixed_ms=fixed_ms, whole_ms=whole_ms)
     timings["solve_s"] = time.perf_counter() - clock
     chosen = [choices[c.choice] for c in plan.chosen]
 
@@ -188,9 +188,64 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
                      "after_recovery": _accuracy(merged, calib), "output_kl": output_kl(teacher, student),
                      "samples": len(calib.eval_x), "synthetic_data": calib.synthetic},
         "recovery": recovery.to_dict() if recovery else None,
+        "replanning": attempts,
         "merge_max_rel_error": merge_error,
     }
     return PassResult(merged, changes, skipped, report=report)
+
+
+def _solve(candidates: list[Candidate], num_positions: int, budget: float, config: LayerMergeConfig, *,
+           target_ms: float, fixed_ms: float, whole_ms: float) -> Plan:
+    try:
+        # A target below the fixed part is infeasible; a tiny positive budget lets the solver say by how much.
+        return solve_plan(candidates, num_positions=num_positions, budget=max(budget, 1e-9),
+                          resolution=config.resolution)
+    except InfeasibleBudgetError as err:
+        fastest = err.min_latency + fixed_ms
+        raise InfeasibleBudgetError(
+            f"layermerge: no plan reaches {target_ms:.3f} ms (the model measures {whole_ms:.3f} ms); the fastest "
+            f"plan is predicted at {fastest:.3f} ms (speedup {whole_ms / fastest:.2f}x). Ask for less, or allow "
+            "more candidates (max_span, max_kernel, mode=layermerge)", min_latency=fastest,
+            budget=target_ms) from err
+
+
+def _plan_with_feedback(gm: GraphModule, trunk, choices, candidates: list[Candidate],  # type: ignore[no-untyped-def]
+                        inputs: tuple[torch.Tensor, ...], context: PassContext, config: LayerMergeConfig, *,
+                        target_ms: float, fixed_ms: float, whole_ms: float) -> tuple[Plan, list[dict]]:
+    """Solve, then measure the planned network (merged, untrained weights: latency does not depend on them)
+    and re-solve with the budget shifted by the measured error, up to ``config.replan`` times.
+
+    Layers timed alone miss effects of the whole network (cache reuse between layers, operator fusion), so
+    the table's prediction can be off by a few percent; the feedback closes that gap on the real backend.
+    Returns the highest-importance measured plan within tolerance of the target (else the fastest one).
+    """
+    budget = target_ms - fixed_ms
+    kwargs = {"target_ms": target_ms, "fixed_ms": fixed_ms, "whole_ms": whole_ms}
+    plan = _solve(candidates, trunk.num_positions, budget, config, **kwargs)
+    attempts: list[dict] = []
+    measured_plans: list[tuple[Plan, float]] = []
+    for _ in range(config.replan):
+        draft, segments = apply_plan(gm, trunk, [choices[c.choice] for c in plan.chosen], share_params=True)
+        ir.annotate(draft, inputs)
+        merged, _ = merge_segments(draft, segments)
+        measured = float(context.latency_probe.measure(merged, inputs)["median_ms"])
+        attempts.append({"budget_ms": budget, "predicted_ms": plan.latency + fixed_ms, "measured_ms": measured,
+                         "log_importance": plan.importance})
+        measured_plans.append((plan, measured))
+        if abs(measured / target_ms - 1.0) <= config.tolerance:
+            break
+        budget += target_ms - measured
+        try:
+            plan = _solve(candidates, trunk.num_positions, budget, config, **kwargs)
+        except InfeasibleBudgetError:
+            break
+        if any(p.chosen == plan.chosen for p, _ in measured_plans):
+            break
+    if not measured_plans:
+        return plan, attempts
+    within = [(p, m) for p, m in measured_plans if m <= target_ms * (1.0 + config.tolerance)]
+    best = max(within, key=lambda pm: pm[0].importance)[0] if within else min(measured_plans, key=lambda pm: pm[1])[0]
+    return best, attempts
 
 
 def _accuracy(model: GraphModule, calib) -> float | None:  # type: ignore[no-untyped-def]

@@ -16,6 +16,7 @@ more segments whatever their accuracy. Three estimators:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -28,11 +29,13 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.graph import CodeGen
 
+from ...cache import cache_dir
 from ...errors import ConfigError
 from ...ir import flatten_outputs
 from ..recover import recover
 from .apply import AppliedSegment, apply_plan, share_graph
 from .candidates import SegmentChoice
+from .table_cache import digest_graph, digest_tensors, entry_path, load_entry, store_entry
 from .trunk import Trunk
 
 __all__ = ["ESTIMATORS", "Calibration", "ImportanceTable", "build_importance_table", "calibration_split",
@@ -40,6 +43,8 @@ __all__ = ["ESTIMATORS", "Calibration", "ImportanceTable", "build_importance_tab
 
 Estimator = Literal["zero_shot", "local", "finetune"]
 ESTIMATORS: tuple[str, ...] = ("zero_shot", "local", "finetune")
+_LOCAL_BATCH = 16
+"""Samples per local training step: a segment is small, and many short steps fit it faster than few big ones."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class ImportanceTable:
     trained: int
     original_accuracy: float | None
     synthetic_data: bool
+    cache_hits: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -131,14 +137,19 @@ class ImportanceTable:
 
     def summary(self) -> dict[str, Any]:
         return {"estimator": self.estimator, "candidates": len(self.metric), "trained": self.trained,
+                "cache_hits": self.cache_hits,
                 "seconds": self.seconds, "original_accuracy": self.original_accuracy,
                 "synthetic_data": self.synthetic_data, "notes": self.notes}
 
 
 def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], calib: Calibration, *,
                            estimator: Estimator = "local", steps: int = 30, lr: float = 1e-3,
-                           progress: bool = False) -> ImportanceTable:
-    """Score every candidate of ``choices`` on ``calib`` with ``estimator`` (``gm`` is not modified)."""
+                           use_cache: bool = True, progress: bool = False) -> ImportanceTable:
+    """Score every candidate of ``choices`` on ``calib`` with ``estimator`` (``gm`` is not modified).
+
+    Entries are cached on disk, keyed by the graph and its weights, the calibration data, the estimator
+    settings and the candidate, so rerunning on the same model and data only reads them back.
+    """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown importance estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
     from tqdm.auto import tqdm
@@ -147,17 +158,25 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
     bs = calib.batch_size
     teacher = _logits(gm, calib.eval_x, bs)
     original_acc = _accuracy(teacher, calib.eval_y)
-    features = _features_for(gm, trunk, choices, calib) if estimator == "local" else {}
-    suffix_inputs = _suffix_inputs(gm, trunk) if estimator != "finetune" else {}
-    cached = _original_values(gm, sorted(set().union(*suffix_inputs.values())), calib.eval_x, bs)
-    metric: list[float] = []
-    accuracy: list[float | None] = []
-    trained = 0
-    for choice in tqdm(choices, desc="importance", unit="cand", disable=not progress, leave=False):
+    root = cache_dir("layermerge", "importance")
+    common = {"model": digest_graph(gm), "calibration": digest_tensors(calib.train_x, calib.eval_x, calib.eval_y),
+              "batch_size": bs, "estimator": estimator, "steps": steps, "lr": lr}
+    keys = [json.dumps({**common, "choice": c.to_dict()}, sort_keys=True) for c in choices]
+    results: dict[int, dict[str, Any]] = {}
+    for i, choice in enumerate(choices):
         if choice.kind in ("original", "barrier"):
-            metric.append(0.0)
-            accuracy.append(original_acc)
-            continue
+            results[i] = {"metric": 0.0, "accuracy": original_acc}
+        elif use_cache and isinstance(hit := load_entry(entry_path(root, keys[i]), keys[i]), dict):
+            results[i] = hit
+    todo = [i for i in range(len(choices)) if i not in results]
+    cache_hits = len(choices) - len(todo) - sum(c.kind in ("original", "barrier") for c in choices)
+    trained = 0
+    if todo:
+        features = _features_for(gm, trunk, [choices[i] for i in todo], calib) if estimator == "local" else {}
+        suffix_inputs = _suffix_inputs(gm, trunk) if estimator != "finetune" else {}
+        cached = _original_values(gm, sorted(set().union(*suffix_inputs.values())), calib.eval_x, bs)
+    for i in tqdm(todo, desc="importance", unit="cand", disable=not progress, leave=False):
+        choice = choices[i]
         if estimator == "finetune":
             student, _ = apply_plan(gm, trunk, [choice])
             recover(student, gm, calib.train_x, steps=steps, lr=lr, batch_size=bs, eval_batches=0)
@@ -166,14 +185,17 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
         else:
             student, segments = apply_plan(gm, trunk, [choice], share_params=True)
             if estimator == "local" and segments:
-                _train_locally(student, segments[0], trunk, choice, features, steps, lr, bs)
+                _train_locally(student, segments[0], trunk, choice, features, steps, lr, min(bs, _LOCAL_BATCH))
                 trained += 1
             logits = _suffix_logits(student, trunk.positions[choice.start].node, cached, calib.eval_x, bs)
-        metric.append(-output_kl(teacher, logits))
-        accuracy.append(_accuracy(logits, calib.eval_y))
+        results[i] = {"metric": -output_kl(teacher, logits), "accuracy": _accuracy(logits, calib.eval_y)}
+        if use_cache:
+            store_entry(entry_path(root, keys[i]), keys[i], results[i])
+    metric = [float(results[i]["metric"]) for i in range(len(choices))]
+    accuracy = [results[i]["accuracy"] for i in range(len(choices))]
     notes = ["no calibration data: importance measured on standard-normal inputs"] if calib.synthetic else []
     return ImportanceTable(metric, accuracy, estimator, time.perf_counter() - start, trained, original_acc,
-                           calib.synthetic, notes)
+                           calib.synthetic, cache_hits, notes)
 
 
 def _descendants(gm: GraphModule, start: str) -> list[Node]:

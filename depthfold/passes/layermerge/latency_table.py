@@ -11,13 +11,11 @@ corrupted or foreign entry is detected, deleted and re-measured, never used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,11 +24,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch.fx import GraphModule
 
-from ..._atomic import atomic_write
 from ...cache import cache_dir
 from ...errors import ConfigError
 from .candidates import SegmentChoice
 from .jobs import run_jobs
+from .table_cache import entry_path, load_entry, store_entry
 from .trunk import Act, Join, Layer, Trunk
 
 __all__ = ["LatencyTable", "LayerSpec", "build_latency_table", "choice_spec", "measure_spec"]
@@ -39,7 +37,6 @@ logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 OPSET = 18
-_CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -219,37 +216,6 @@ class LatencyTable:
                 "rejected_cache_entries": self.rejected_entries, "seconds": self.seconds, "probe": self.probe}
 
 
-def _entry_path(root: Path, key: str) -> Path:
-    return root / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
-
-
-def _checksum(key: str, result: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({"key": key, "result": result}, sort_keys=True).encode()).hexdigest()
-
-
-def _load_entry(path: Path, key: str) -> dict[str, Any] | None | bool:
-    """The cached result, ``None`` if absent, ``False`` if present but corrupt or for another key (deleted)."""
-    if not path.exists():
-        return None
-    try:
-        entry = json.loads(path.read_text())
-        ok = (entry.get("format") == _CACHE_FORMAT and entry.get("key") == key
-              and entry.get("checksum") == _checksum(key, entry["result"])
-              and float(entry["result"]["median_ms"]) >= 0.0)
-    except (OSError, ValueError, KeyError, TypeError):
-        ok = False
-    if ok:
-        return entry["result"]
-    logger.warning("layermerge: latency cache entry %s is corrupted or stale; re-measuring", path.name)
-    path.unlink(missing_ok=True)
-    return False
-
-
-def _store_entry(path: Path, key: str, result: dict[str, Any]) -> None:
-    entry = {"format": _CACHE_FORMAT, "key": key, "result": result, "checksum": _checksum(key, result)}
-    atomic_write(path, lambda p: p.write_text(json.dumps(entry)))
-
-
 def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], probe: Any, *,
                         executor: Any = None, use_cache: bool = True, progress: bool = False) -> LatencyTable:
     """Measure every candidate of ``choices`` with ``probe`` (cached; identical layers timed once)."""
@@ -271,7 +237,7 @@ def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segment
     todo: list[tuple[str, LayerSpec]] = []
     for signature, spec in distinct.items():
         key = json.dumps({"layer": signature, "probe": fingerprint}, sort_keys=True)
-        cached = _load_entry(_entry_path(root, key), key) if use_cache else None
+        cached = load_entry(entry_path(root, key), key) if use_cache else None
         if isinstance(cached, dict):
             results[signature] = cached
             hits += 1
@@ -283,7 +249,7 @@ def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segment
         key, spec = todo[index]
         results[spec.signature()] = result
         if use_cache:
-            _store_entry(_entry_path(root, key), key, result)
+            store_entry(entry_path(root, key), key, result)
 
     run_jobs(measure_spec, [(spec, probe) for _, spec in todo], store, executor=executor,
              threads_per_job=int(fingerprint.get("threads", 1)), progress=progress, desc="latency table")
