@@ -52,6 +52,7 @@ class Calibration:
     """Calibration data split once: inputs to train candidates on, held-out inputs (and labels) to score."""
 
     train_x: torch.Tensor
+    train_y: torch.Tensor | None
     eval_x: torch.Tensor
     eval_y: torch.Tensor | None
     synthetic: bool
@@ -84,8 +85,8 @@ def calibration_split(data: Any, example_inputs: Sequence[torch.Tensor], *, eval
     order = torch.randperm(len(x), generator=generator)
     n_eval = min(eval_samples, max(1, len(x) // 3))
     eval_idx, train_idx = order[:n_eval], order[n_eval:n_eval + train_samples]
-    return Calibration(x[train_idx], x[eval_idx], None if y is None else y[eval_idx], data is None,
-                       min(batch_size, len(train_idx)) or 1)
+    return Calibration(x[train_idx], None if y is None else y[train_idx], x[eval_idx],
+                       None if y is None else y[eval_idx], data is None, min(batch_size, len(train_idx)) or 1)
 
 
 def _tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
