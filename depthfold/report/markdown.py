@@ -91,7 +91,7 @@ def _layermerge_section(d: dict[str, Any]) -> list[str]:
              f"Tables: {tables['latency']['distinct_layers']} distinct layers ({tables['latency']['cache_hits']} "
              f"cached, {tables['latency']['measured']} measured) in {tables['latency']['seconds']:.1f} s; importance "
              f"of {tables['importance']['candidates']} candidates in {tables['importance']['seconds']:.1f} s; "
-             f"solve {d['timings']['solve_s'] * 1000:.1f} ms.", "",
+             f"planning (DP solves, replanning measurements) {d['timings']['plan_s']:.1f} s.", "",
              "| segment | replacement | kernel | latency ms | importance |", "|---|---|---|---|---|"]
     for p in d["plan"]:
         if p["kind"] in ("original", "barrier"):
