@@ -29,7 +29,7 @@ from ..recover import recover
 from ..registry import register_pass
 from .apply import META_SEGMENT, apply_plan, merge_segments
 from .candidates import Mode, enumerate_choices
-from .importance import build_importance_table, calibration_split, output_kl
+from .importance import accuracy, batched_logits, build_importance_table, calibration_split, output_kl
 from .latency_table import build_latency_table
 from .solver import Candidate, InfeasibleBudgetError, Plan, solve_plan
 from .trunk import analyze_trunk
@@ -137,7 +137,7 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
 
     compressed, segments = apply_plan(gm, trunk, chosen)
     ir.annotate(compressed, inputs)
-    accuracy_before = _accuracy(compressed, calib)
+    accuracy_before = accuracy(batched_logits(compressed, calib.eval_x, calib.batch_size), calib.eval_y)
     recovery = None
     if config.recover_steps:
         clock = time.perf_counter()
@@ -155,11 +155,8 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
         raise PassError(f"layermerge: re-padding nodes {', '.join(residue[:5])} survived the merge; this is a bug "
                         "in the merge, please report it with the model")
     measured_ms = float(context.latency_probe.measure(merged, inputs)["median_ms"])
-    with torch.no_grad():
-        teacher = torch.cat([ir.flatten_outputs(gm(calib.eval_x[i:i + calib.batch_size]))[0]
-                             for i in range(0, len(calib.eval_x), calib.batch_size)])
-        student = torch.cat([ir.flatten_outputs(merged(calib.eval_x[i:i + calib.batch_size]))[0]
-                             for i in range(0, len(calib.eval_x), calib.batch_size)])
+    teacher = batched_logits(gm, calib.eval_x, calib.batch_size)
+    student = batched_logits(merged, calib.eval_x, calib.batch_size)
     predicted_ms = plan.latency + fixed_ms
     changes = []
     merged_by_segment = {seg.index: node.name for seg, node in zip(segments, merged_nodes) if node is not None}
@@ -190,7 +187,7 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
         "tables": {"latency": latency.summary(), "importance": importance.summary()},
         "timings": {**timings, "latency_table_s": latency.seconds, "importance_table_s": importance.seconds},
         "accuracy": {"original": importance.original_accuracy, "compressed_before_recovery": accuracy_before,
-                     "after_recovery": _accuracy(merged, calib), "output_kl": output_kl(teacher, student),
+                     "after_recovery": accuracy(student, calib.eval_y), "output_kl": output_kl(teacher, student),
                      "samples": len(calib.eval_x), "synthetic_data": calib.synthetic},
         "recovery": recovery.to_dict() if recovery else None,
         "replanning": attempts,
@@ -268,17 +265,6 @@ def _next_budget(points: list[tuple[float, float]], target_ms: float) -> float:
             return b0 + (target_ms - m0) * (b1 - b0) / (m1 - m0)
     budget, measured = points[-1]
     return budget + target_ms - measured
-
-
-def _accuracy(model: GraphModule, calib) -> float | None:  # type: ignore[no-untyped-def]
-    if calib.eval_y is None:
-        return None
-    with torch.no_grad():
-        logits = torch.cat([ir.flatten_outputs(model(calib.eval_x[i:i + calib.batch_size]))[0]
-                            for i in range(0, len(calib.eval_x), calib.batch_size)])
-    if logits.dim() != 2:
-        return None
-    return float((logits.argmax(-1) == calib.eval_y).float().mean())
 
 
 def _check_merge(compressed: GraphModule, merged: GraphModule, batch: torch.Tensor,

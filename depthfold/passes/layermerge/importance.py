@@ -38,8 +38,8 @@ from .candidates import SegmentChoice
 from .table_cache import digest_graph, digest_tensors, entry_path, load_entry, store_entry
 from .trunk import Trunk
 
-__all__ = ["ESTIMATORS", "Calibration", "ImportanceTable", "build_importance_table", "calibration_split",
-           "output_kl"]
+__all__ = ["ESTIMATORS", "Calibration", "ImportanceTable", "accuracy", "batched_logits", "build_importance_table",
+           "calibration_split", "output_kl"]
 
 Estimator = Literal["zero_shot", "local", "finetune"]
 ESTIMATORS: tuple[str, ...] = ("zero_shot", "local", "finetune")
@@ -106,7 +106,7 @@ def _tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x.float(), y
 
 
-def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([flatten_outputs(model(x[i:i + batch_size]))[0] for i in range(0, len(x), batch_size)])
 
@@ -157,8 +157,8 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
 
     start = time.perf_counter()
     bs = calib.batch_size
-    teacher = _logits(gm, calib.eval_x, bs)
-    original_acc = _accuracy(teacher, calib.eval_y)
+    teacher = batched_logits(gm, calib.eval_x, bs)
+    original_acc = accuracy(teacher, calib.eval_y)
     root = cache_dir("layermerge", "importance")
     common = {"model": digest_graph(gm), "calibration": digest_tensors(calib.train_x, calib.eval_x, calib.eval_y),
               "batch_size": bs, "estimator": estimator, "steps": steps, "lr": lr}
@@ -182,20 +182,20 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
             student, _ = apply_plan(gm, trunk, [choice])
             recover(student, gm, calib.train_x, steps=steps, lr=lr, batch_size=bs, eval_batches=0)
             trained += 1
-            logits = _logits(student, calib.eval_x, bs)
+            logits = batched_logits(student, calib.eval_x, bs)
         else:
             student, segments = apply_plan(gm, trunk, [choice], share_params=True)
             if estimator == "local" and segments:
                 _train_locally(student, segments[0], trunk, choice, features, steps, lr, min(bs, _LOCAL_BATCH))
                 trained += 1
             logits = _suffix_logits(student, trunk.positions[choice.start].node, cached, calib.eval_x, bs)
-        results[i] = {"metric": -output_kl(teacher, logits), "accuracy": _accuracy(logits, calib.eval_y)}
+        results[i] = {"metric": -output_kl(teacher, logits), "accuracy": accuracy(logits, calib.eval_y)}
         if use_cache:
             store_entry(entry_path(root, keys[i]), keys[i], results[i])
     metric = [float(results[i]["metric"]) for i in range(len(choices))]
-    accuracy = [results[i]["accuracy"] for i in range(len(choices))]
+    accuracies = [results[i]["accuracy"] for i in range(len(choices))]
     notes = ["no calibration data: importance measured on standard-normal inputs"] if calib.synthetic else []
-    return ImportanceTable(metric, accuracy, estimator, time.perf_counter() - start, trained, original_acc,
+    return ImportanceTable(metric, accuracies, estimator, time.perf_counter() - start, trained, original_acc,
                            calib.synthetic, cache_hits, notes)
 
 
@@ -236,11 +236,9 @@ def _original_values(gm: GraphModule, names: list[str], x: torch.Tensor, batch_s
     return {name: torch.cat([c[k] for c in chunks]) for k, name in enumerate(names)}
 
 
-def _suffix_logits(student: GraphModule, start: str, cached: dict[str, torch.Tensor], x: torch.Tensor,
-                   batch_size: int) -> torch.Tensor:
-    """The student's output computed from the original's values at ``start`` (everything before is the
-    original's, unchanged), running only the part of the network after it; the full network if a needed
-    value was not cached."""
+def _extract(gm: GraphModule, members: list[Node], output: Any) -> tuple[GraphModule, list[str]]:
+    """``members`` (in graph order) as their own module sharing ``gm``'s tensors and returning ``output`` (a
+    node or a structure of nodes); every other value they read becomes a placeholder, named in order."""
     graph = Graph()
     env: dict[Node, Node] = {}
     feeds: list[str] = []
@@ -254,22 +252,30 @@ def _suffix_logits(student: GraphModule, start: str, cached: dict[str, torch.Ten
                 feeds.append(node.name)
         return env[node]
 
-    out_node = None
-    for node in _descendants(student, start):
-        if node.op == "output":
-            out_node = node
-            continue
+    for node in members:
         env[node] = graph.node_copy(node, arg)
-    if out_node is None or any(name not in cached for name in feeds):
-        return _logits(student, x, batch_size)
-    graph.output(torch.fx.map_arg(out_node.args[0], lambda n: env[n] if n in env else arg(n)))
-    suffix = GraphModule(student, graph)
+    graph.output(torch.fx.map_arg(output, arg))
+    return GraphModule(gm, graph), feeds
+
+
+def _suffix_logits(student: GraphModule, start: str, cached: dict[str, torch.Tensor], x: torch.Tensor,
+                   batch_size: int) -> torch.Tensor:
+    """The student's output computed from the original's values at ``start`` (everything before is the
+    original's, unchanged), running only the part of the network after it; the full network if a needed
+    value was not cached."""
+    after = _descendants(student, start)
+    out_node = next((n for n in after if n.op == "output"), None)
+    if out_node is None:
+        return batched_logits(student, x, batch_size)
+    suffix, feeds = _extract(student, [n for n in after if n is not out_node], out_node.args[0])
+    if any(name not in cached for name in feeds):
+        return batched_logits(student, x, batch_size)
     with torch.no_grad():
         return torch.cat([flatten_outputs(suffix(*(cached[f][i:i + batch_size] for f in feeds)))[0]
                           for i in range(0, len(x), batch_size)])
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+def accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
     if labels is None or logits.dim() != 2:
         return None
     return float((logits.argmax(-1) == labels).float().mean())
@@ -278,24 +284,8 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None
 def _region(student: GraphModule, segment: AppliedSegment) -> tuple[GraphModule, list[str]]:
     """The segment's nodes as their own module (sharing ``student``'s tensors) and its input node names."""
     names = set(segment.nodes)
-    graph = Graph()
-    env: dict[Node, Node] = {}
-    inputs: list[str] = []
-
-    def arg(node: Node) -> Node:
-        if node not in env:
-            if node.op == "get_attr":
-                env[node] = graph.get_attr(node.target)  # type: ignore[arg-type]
-            else:
-                env[node] = graph.placeholder(node.name)
-                inputs.append(node.name)
-        return env[node]
-
-    for node in student.graph.nodes:
-        if node.name in names:
-            env[node] = graph.node_copy(node, arg)
-    graph.output(env[next(n for n in student.graph.nodes if n.name == segment.output)])
-    return GraphModule(student, graph), inputs
+    members = [n for n in student.graph.nodes if n.name in names]
+    return _extract(student, members, next(n for n in members if n.name == segment.output))
 
 
 def _features_for(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], calib: Calibration
@@ -307,18 +297,8 @@ def _features_for(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice
             wanted.add(trunk.positions[choice.start].node)
             wanted.add(trunk.positions[choice.end].node)
             wanted.update(_outside_inputs(gm, trunk, choice))
-    graph = share_graph(gm)
-    nodes = {n.name: n for n in graph.graph.nodes}
-    order = sorted(wanted, key=lambda n: list(nodes).index(n))
-    output = next(n for n in graph.graph.nodes if n.op == "output")
-    output.args = (tuple(nodes[n] for n in order),)
-    graph.graph.set_codegen(CodeGen())  # a plain tuple out, not the captured model's output structure
-    graph.recompile()
-    chunks: list[tuple[torch.Tensor, ...]] = []
-    with torch.no_grad():
-        for i in range(0, len(calib.train_x), calib.batch_size):
-            chunks.append(graph(calib.train_x[i:i + calib.batch_size]))
-    return {name: torch.cat([c[k] for c in chunks]) for k, name in enumerate(order)}
+    order = [n.name for n in gm.graph.nodes if n.name in wanted]
+    return _original_values(gm, order, calib.train_x, calib.batch_size)
 
 
 def _outside_inputs(gm: GraphModule, trunk: Trunk, choice: SegmentChoice) -> list[str]:
