@@ -56,11 +56,28 @@ class LatencyProbe:
                             warmup=self.warmup, repeat=self.repeat, **dict(self.options))
         return m.to_dict()
 
+    @property
+    def layer_scope(self) -> str:
+        """How :meth:`measure_layer` times a layer: ``"kernels"`` (ONNX Runtime CPU: the layer's own kernels,
+        read from ORT's profiler, without the layout reorders and call overhead a layer timed alone pays and a
+        layer inside a network does not) or ``"end_to_end"`` (the whole call; a caller relating layers to a
+        network subtracts the time of an identity model itself)."""
+        return "kernels" if (self.backend, self.device) == ("onnxruntime", "cpu") else "end_to_end"
+
+    def measure_layer(self, model: Any, inputs: tuple[Any, ...]) -> dict[str, Any]:
+        """Time one layer (an ONNX ``ModelProto``) as part of a network; see :attr:`layer_scope`."""
+        if self.layer_scope == "kernels":
+            from .ort import measure_kernels
+
+            return measure_kernels(model, inputs, device=self.device, threads=self.threads, warmup=self.warmup,
+                                   repeat=self.repeat).to_dict()
+        return self.measure(model, inputs)
+
     def fingerprint(self) -> dict[str, Any]:
         """Everything a measurement depends on besides the layer itself (the latency cache key)."""
         versions = {pkg: _version(pkg) for pkg in ("onnx", "onnxruntime", "apache-tvm")}
         return {"backend": self.backend, "device": self.device, "threads": self.threads, "warmup": self.warmup,
-                "repeat": self.repeat, "options": [list(o) for o in self.options],
+                "repeat": self.repeat, "options": [list(o) for o in self.options], "layer_scope": self.layer_scope,
                 "machine": _machine(), "gpu": _gpu_name() if self.device == "cuda" else None,
                 "versions": versions}
 

@@ -19,7 +19,7 @@ from depthfold.backends import (
     run,
 )
 from depthfold.backends.base import host_arch
-from depthfold.backends.ort import session_device, session_threads
+from depthfold.backends.ort import LAYOUT_OPS, measure_kernels, session_device, session_threads
 from depthfold.errors import ArtifactError, BackendUnavailableError, ConfigError
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in available_providers()
@@ -117,6 +117,27 @@ def test_measure_records_settings(exported) -> None:
     assert all(s > 0 for s in m.samples_ms)
     with pytest.raises(ConfigError, match="repeat"):
         measure(session, [exported.x], repeat=0)
+
+
+def test_measure_kernels_sums_each_runs_kernels_without_the_excluded_ops(exported) -> None:
+    model = onnx.load(exported.artifact.path)
+    m = measure_kernels(model, [exported.x], warmup=2, repeat=6)
+    assert m.n == 6 and m.warmup == 2 and m.threads == 1 and m.backend == "onnxruntime"
+    assert all(s > 0 for s in m.samples_ms)
+    everything = {*LAYOUT_OPS, *(n.op_type for n in model.graph.node), "FusedConv", "FusedGemm"}  # after ORT's fusions
+    silent = measure_kernels(model, [exported.x], warmup=0, repeat=3, exclude=tuple(everything))
+    assert silent.samples_ms == (0.0, 0.0, 0.0)
+    with pytest.raises(ConfigError, match="repeat"):
+        measure_kernels(model, [exported.x], repeat=0)
+
+
+def test_probe_times_layers_by_their_kernels_on_ort_cpu_only() -> None:
+    from depthfold.backends import LatencyProbe
+
+    probe = LatencyProbe(warmup=1, repeat=3)
+    assert probe.layer_scope == "kernels" and probe.fingerprint()["layer_scope"] == "kernels"
+    assert LatencyProbe(backend="tvm").layer_scope == "end_to_end"
+    assert LatencyProbe(device="cuda").layer_scope == "end_to_end"
 
 
 def test_ort_backend_protocol_round_trip(captured, tmp_path) -> None:

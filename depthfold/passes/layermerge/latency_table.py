@@ -182,21 +182,23 @@ def choice_spec(gm: GraphModule, trunk: Trunk, choice: SegmentChoice) -> LayerSp
 
 def _overhead_spec(spec: LayerSpec) -> LayerSpec:
     """An identity model at the layer's input shape: the per-call cost (feeding inputs, launching the
-    session) that a layer timed alone pays and a layer inside the whole model does not."""
+    session) that a layer timed end to end pays and a layer inside the whole model does not."""
     return LayerSpec(spec.input_shape, ())
 
 
 def measure_spec(spec: LayerSpec, probe: Any) -> dict[str, Any]:
-    """Time one layer with ``probe`` (a job: runs in worker processes too)."""
-    return probe.measure(spec.to_onnx(), tuple(torch.from_numpy(a) for a in spec.example_inputs()))
+    """Time one layer with ``probe.measure_layer`` (a job: runs in worker processes too)."""
+    return probe.measure_layer(spec.to_onnx(), tuple(torch.from_numpy(a) for a in spec.example_inputs()))
 
 
 @dataclass
 class LatencyTable:
     """Measured latency (median ms, with p10/p90 spread) per candidate, and how the table was built.
 
-    Each entry is the layer's time minus the time of an identity model at the same input shape (the call
-    overhead; on ORT CPU this brings the sum of a MobileNetV2's layers within ~2% of the whole model).
+    Each entry is the layer's cost inside a network: on ORT CPU its own kernels' time from the profiler
+    (timed alone end to end, a layer also pays the NCHWc layout reorders at its boundary, which made the
+    MobileNetV2 layers at 224x224 sum to 123% of the whole model); on other backends its end-to-end time
+    minus that of an identity model at the same input shape (the call overhead).
     """
 
     median_ms: list[float]
@@ -218,7 +220,10 @@ class LatencyTable:
 
 def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], probe: Any, *,
                         executor: Any = None, use_cache: bool = True, progress: bool = False) -> LatencyTable:
-    """Measure every candidate of ``choices`` with ``probe`` (cached; identical layers timed once)."""
+    """Measure every candidate of ``choices`` with ``probe`` (cached; identical layers timed once).
+
+    ``probe``: a :class:`~depthfold.backends.LatencyProbe` or anything with its ``fingerprint()``,
+    ``measure_layer(model, inputs)`` and ``layer_scope``."""
     if probe is None:
         raise ConfigError("layermerge needs a latency probe to build its table: run it through "
                           "depthfold.optimize(...) or give PassContext(latency_probe=LatencyProbe(...))")
@@ -226,12 +231,14 @@ def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segment
     fingerprint = probe.fingerprint()
     root = cache_dir("layermerge", "latency")
     specs = [choice_spec(gm, trunk, c) for c in choices]
+    end_to_end = probe.layer_scope == "end_to_end"
     distinct: dict[str, LayerSpec] = {}
     for spec in specs:
         if spec is not None and spec.ops:
             distinct.setdefault(spec.signature(), spec)
-            overhead = _overhead_spec(spec)
-            distinct.setdefault(overhead.signature(), overhead)
+            if end_to_end:
+                overhead = _overhead_spec(spec)
+                distinct.setdefault(overhead.signature(), overhead)
     results: dict[str, dict[str, Any]] = {}
     hits = rejected = 0
     todo: list[tuple[str, LayerSpec]] = []
@@ -256,7 +263,7 @@ def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segment
     medians, p10s, p90s = [], [], []
     for spec in specs:
         r = results[spec.signature()] if spec is not None and spec.ops else None
-        base = float(results[_overhead_spec(spec).signature()]["median_ms"]) if r and spec else 0.0
+        base = float(results[_overhead_spec(spec).signature()]["median_ms"]) if r and spec and end_to_end else 0.0
         medians.append(max(0.0, float(r["median_ms"]) - base) if r else 0.0)
         p10s.append(max(0.0, float(r["p10_ms"]) - base) if r else 0.0)
         p90s.append(max(0.0, float(r["p90_ms"]) - base) if r else 0.0)

@@ -136,7 +136,7 @@ def test_build_latency_table_measures_caches_and_rejects_bad_entries(tiny_cnn, p
         if choice.kind == "barrier":
             assert median == 0.0
     specs = {choice_spec(gm, trunk, c).signature() for c in choices if c.kind != "barrier"}
-    assert first.distinct_layers >= len(specs)  # plus the identity (call overhead) model per input shape
+    assert first.distinct_layers == len(specs)  # kernels only: no identity (call overhead) models
     assert (first.cache_hits, first.measured, first.rejected_entries) == (0, first.distinct_layers, 0)
     files = cache_files(tmp_path)
     assert len(files) == first.distinct_layers
@@ -165,6 +165,34 @@ def test_build_latency_table_measures_caches_and_rejects_bad_entries(tiny_cnn, p
     fifth = build_latency_table(gm, trunk, choices, probe, executor="serial")
     assert (fifth.rejected_entries, fifth.measured) == (1, 1)
     assert len(cache_files(tmp_path)) == first.distinct_layers
+
+
+class EndToEndProbe(LatencyProbe):
+    """Times whole calls, as every backend but ORT CPU does."""
+
+    @property
+    def layer_scope(self) -> str:
+        return "end_to_end"
+
+
+def test_end_to_end_timings_subtract_the_call_overhead_of_an_identity_model(tiny_cnn, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPTHFOLD_CACHE", str(tmp_path))
+    gm, trunk, choices = tiny_cnn
+    probe = EndToEndProbe(repeat=3, warmup=1)
+    table = build_latency_table(gm, trunk, choices, probe, executor="serial")
+    specs = {choice_spec(gm, trunk, c) for c in choices if c.kind != "barrier"}
+    shapes = {s.input_shape for s in specs}
+    assert table.distinct_layers == len(specs) + len(shapes)
+    stored = {}
+    for path in cache_files(tmp_path):
+        entry = json.loads(path.read_text())
+        stored[json.loads(entry["key"])["layer"]] = entry["result"]["median_ms"]
+    for choice, median in zip(choices, table.median_ms):
+        if choice.kind == "barrier":
+            continue
+        spec = choice_spec(gm, trunk, choice)
+        identity = LayerSpec(spec.input_shape, ())
+        assert median == pytest.approx(max(0.0, stored[spec.signature()] - stored[identity.signature()]))
 
 
 def test_any_executor_gives_the_same_cache_entries(tiny_cnn, probe, tmp_path, monkeypatch):
