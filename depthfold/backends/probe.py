@@ -14,7 +14,10 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
+import onnx
+
 from ..errors import ConfigError
+from ..ir import flatten_outputs
 
 __all__ = ["LatencyProbe"]
 
@@ -55,6 +58,41 @@ class LatencyProbe:
         m = measure_latency(model, inputs, backend=self.backend, device=self.device, threads=self.threads,
                             warmup=self.warmup, repeat=self.repeat, **dict(self.options))
         return m.to_dict()
+
+    def speedup(self, reference: Any, candidate: Any, inputs: tuple[Any, ...], *, rounds: int = 8) -> dict[str, Any]:
+        """How much faster ``candidate`` runs than ``reference`` (modules or ONNX models with the same inputs),
+        timed interleaved: the median of per-round ratios, so drift in machine speed (which moves whole-model
+        timings by 10-30% between minutes on a shared 2-core machine) cancels.
+
+        Returns ``{"median", "p10", "p90", "rounds", "reference_ms", "candidate_ms"}``.
+        """
+        from .latency import compare_interleaved, quantile
+
+        if self.backend == "onnxruntime":
+            from .onnx import to_onnx_model
+            from .ort import create_session, feeds
+
+            calls = {}
+            for name, model in (("reference", reference), ("candidate", candidate)):
+                proto = to_onnx_model(model, inputs) if not isinstance(model, onnx.ModelProto) else model
+                session = create_session(proto, device=self.device, threads=self.threads)
+                feed = feeds(session, flatten_outputs(inputs))
+                calls[name] = lambda s=session, f=feed: s.run(None, f)
+            result = compare_interleaved(calls, rounds=rounds, warmup=self.warmup, min_sample_ms=20.0,
+                                         baseline="reference", threads=self.threads, backend=self.backend,
+                                         device=self.device)
+            ratios = [1.0 / r for r in result["ratios"]["candidate"]["samples"]]
+            medians = {name: m.median_ms for name, m in result["measurements"].items()}
+        else:  # rounds of whole measurements (TVM caches its builds, so only the first round compiles)
+            ratios, times = [], {"reference": [], "candidate": []}
+            for r in range(rounds):
+                pair = [("reference", reference), ("candidate", candidate)]
+                for name, model in pair if r % 2 == 0 else pair[::-1]:
+                    times[name].append(float(self.measure(model, inputs)["median_ms"]))
+                ratios.append(times["reference"][-1] / times["candidate"][-1])
+            medians = {name: quantile(values, 0.5) for name, values in times.items()}
+        return {"median": quantile(ratios, 0.5), "p10": quantile(ratios, 0.1), "p90": quantile(ratios, 0.9),
+                "rounds": rounds, "reference_ms": medians["reference"], "candidate_ms": medians["candidate"]}
 
     @property
     def layer_scope(self) -> str:

@@ -161,3 +161,31 @@ def test_target_validates_fields() -> None:
         Target(arch="x86_64")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="did you mean 'cuda'"):
         Target(device="gpu_cuda")  # type: ignore[arg-type]
+
+
+def test_probe_speedup_times_both_models_interleaved(captured) -> None:
+    from depthfold.backends import LatencyProbe
+
+    gm, x = captured
+    result = LatencyProbe(warmup=1, repeat=3).speedup(gm, gm, (x,), rounds=4)
+    assert result["rounds"] == 4
+    assert 0 < result["p10"] <= result["median"] <= result["p90"]
+    assert result["reference_ms"] > 0 and result["candidate_ms"] > 0
+
+
+def test_probe_speedup_on_other_backends_alternates_whole_measurements() -> None:
+    from depthfold.backends import LatencyProbe
+
+    class Scripted(LatencyProbe):
+        """Reference 6 ms, candidate 2 ms, but the machine slows down 1.5x every call."""
+
+        def measure(self, model, inputs):  # type: ignore[no-untyped-def]
+            calls.append(model)
+            return {"median_ms": {"ref": 6.0, "cand": 2.0}[model] * 1.5 ** len(calls)}
+
+    calls: list[str] = []
+    result = Scripted(backend="tvm").speedup("ref", "cand", (), rounds=4)
+    assert calls == ["ref", "cand", "cand", "ref", "ref", "cand", "cand", "ref"]
+    # Rounds alternate the order, so drift inflates half the ratios and deflates the other half alike.
+    assert (result["p10"], result["p90"]) == pytest.approx((2.0, 4.5))
+    assert result["median"] == pytest.approx((3.0 / 1.5 + 3.0 * 1.5) / 2)

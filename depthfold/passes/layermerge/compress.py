@@ -154,7 +154,8 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
     if residue:
         raise PassError(f"layermerge: re-padding nodes {', '.join(residue[:5])} survived the merge; this is a bug "
                         "in the merge, please report it with the model")
-    measured_ms = float(context.latency_probe.measure(merged, inputs)["median_ms"])
+    speedup = context.latency_probe.speedup(gm, merged, inputs)
+    measured_ms = whole_ms / speedup["median"]
     teacher = batched_logits(gm, calib.eval_x, calib.batch_size)
     student = batched_logits(merged, calib.eval_x, calib.batch_size)
     predicted_ms = plan.latency + fixed_ms
@@ -177,7 +178,8 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
         "mode": config.mode, "budget": {"speedup": config.speedup, "latency_ms": config.latency_ms,
                                         "target_ms": target_ms},
         "latency": {"original_ms": whole_ms, "predicted_ms": predicted_ms, "measured_ms": measured_ms,
-                    "predicted_speedup": whole_ms / predicted_ms, "measured_speedup": whole_ms / measured_ms,
+                    "predicted_speedup": whole_ms / predicted_ms, "measured_speedup": speedup["median"],
+                    "measured_speedup_p10": speedup["p10"], "measured_speedup_p90": speedup["p90"],
                     "prediction_error": measured_ms / predicted_ms - 1.0, "fixed_ms": fixed_ms},
         "plan": [{**choices[c.choice].to_dict(), "label": choices[c.choice].label, "latency_ms": c.latency,
                   "importance": importance.importance[c.choice]} for c in plan.chosen],
@@ -214,8 +216,9 @@ def _solve(candidates: list[Candidate], num_positions: int, budget: float, confi
 def _plan_with_feedback(gm: GraphModule, trunk, choices, candidates: list[Candidate],  # type: ignore[no-untyped-def]
                         inputs: tuple[torch.Tensor, ...], context: PassContext, config: LayerMergeConfig, *,
                         target_ms: float, fixed_ms: float, whole_ms: float) -> tuple[Plan, list[dict]]:
-    """Solve, then measure the planned network (merged, untrained weights: latency does not depend on them)
-    and re-solve with a corrected budget (shifted by the measured error, or interpolated between plans
+    """Solve, then measure the planned network (merged, untrained weights: latency does not depend on them;
+    timed interleaved with the original, as a speedup, so machine drift cancels) and re-solve with a
+    corrected budget (shifted by the measured error, or interpolated between plans
     measured on either side of the target), up to ``config.replan`` times.
 
     Layers timed alone miss effects of the whole network (cache reuse between layers, operator fusion), so
@@ -233,7 +236,7 @@ def _plan_with_feedback(gm: GraphModule, trunk, choices, candidates: list[Candid
         draft, segments = apply_plan(gm, trunk, [choices[c.choice] for c in plan.chosen], share_params=True)
         ir.annotate(draft, inputs)
         merged, _ = merge_segments(draft, segments)
-        measured = float(context.latency_probe.measure(merged, inputs)["median_ms"])
+        measured = whole_ms / context.latency_probe.speedup(gm, merged, inputs)["median"]
         attempts.append({"budget_ms": budget, "predicted_ms": plan.latency + fixed_ms, "measured_ms": measured,
                          "log_importance": plan.importance})
         measured_plans.append((plan, measured))

@@ -192,6 +192,10 @@ class FusingProbe:
     def measure_layer(self, model, inputs) -> dict:  # type: ignore[no-untyped-def]
         return self.measure(model, inputs)
 
+    def speedup(self, reference, candidate, inputs) -> dict:  # type: ignore[no-untyped-def]
+        ratio = self.measure(reference, inputs)["median_ms"] / self.measure(candidate, inputs)["median_ms"]
+        return {"median": ratio, "p10": ratio, "p90": ratio}
+
     def measure(self, model, inputs) -> dict:  # type: ignore[no-untyped-def]
         if isinstance(model, nn.Module):
             nodes = list(model.graph.nodes)
