@@ -143,10 +143,11 @@ def to_markdown(payload: dict) -> str:
         lines += ["## Speedup targets (224x224)", "",
                   "Random weights, `zero_shot` importance on 4 synthetic inputs, no recovery. Measured = median of "
                   "interleaved per-round ratios original / compressed ONNX (p10–p90). Predicted = the latency "
-                  "table's prediction for the returned plan; the pass measures each planned network and re-solves "
-                  "with a corrected budget (`replan`), so the measured speedup tracks the target even where the "
-                  "table is off. Random-weight ResNet-34's importances are all ~0 (tied), so the DP returns the "
-                  "fastest tied plan: it overshoots low targets.", "",
+                  "table's prediction for the returned plan (each layer timed by its own kernels in ORT's "
+                  "profiler; the whole model's latency minus the original layers' is the fixed part). The pass "
+                  "also times each planned network interleaved with the original and re-solves with a corrected "
+                  "budget (`replan`). With random weights the zero-shot importances are all ~0 (tied), so the DP "
+                  "returns the fastest tied plan within the budget: ResNet-34 overshoots low targets.", "",
                   "| model | target | predicted | measured (p10–p90) | measured / target | measured / predicted |"
                   " segments changed | optimize s |", "|---|---|---|---|---|---|---|---|"]
         for r in payload["latency"]:
@@ -157,12 +158,13 @@ def to_markdown(payload: dict) -> str:
     if payload.get("accuracy"):
         lines += ["## Digits accuracy at 1.5x (64x64)", "",
                   "| model | estimator | test acc original | test acc compressed | drop (points) | measured speedup |"
-                  " importance table s | total s |", "|---|---|---|---|---|---|---|---|"]
+                  " predicted | importance table s | recover s | total s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in payload["accuracy"]:
             estimator = r["estimator"] + (f" ({r['importance_steps']} steps)" if r.get("importance_steps") else "")
             lines.append(f"| {r['model']} | {estimator} | {r['test_accuracy_original']:.4f} | "
                          f"{r['test_accuracy_compressed']:.4f} | {r['accuracy_drop_points']:.2f} | "
-                         f"{r['measured_speedup']:.3f} | {r['importance_table_s']:.0f} | {r['optimize_s']:.0f} |")
+                         f"{r['measured_speedup']:.3f} | {r['predicted_speedup']:.3f} | {r['importance_table_s']:.0f} | "
+                         f"{r['recover_s'] or 0:.0f} | {r['optimize_s']:.0f} |")
         lines.append("")
     if payload.get("pipeline"):
         p = payload["pipeline"]

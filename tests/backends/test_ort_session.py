@@ -19,7 +19,13 @@ from depthfold.backends import (
     run,
 )
 from depthfold.backends.base import host_arch
-from depthfold.backends.ort import LAYOUT_OPS, measure_kernels, session_device, session_threads
+from depthfold.backends.ort import (
+    LAYOUT_OPS,
+    cache_flush_bytes,
+    measure_kernels,
+    session_device,
+    session_threads,
+)
 from depthfold.errors import ArtifactError, BackendUnavailableError, ConfigError
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in available_providers()
@@ -129,6 +135,13 @@ def test_measure_kernels_sums_each_runs_kernels_without_the_excluded_ops(exporte
     assert silent.samples_ms == (0.0, 0.0, 0.0)
     with pytest.raises(ConfigError, match="repeat"):
         measure_kernels(model, [exported.x], repeat=0)
+    cold = measure_kernels(model, [exported.x], warmup=1, repeat=4, flush_bytes=1 << 20)
+    assert cold.n == 4 and all(s > 0 for s in cold.samples_ms)
+
+
+def test_cache_flush_bytes_is_twice_the_largest_cache_within_bounds() -> None:
+    flush = cache_flush_bytes(default=8 << 20)
+    assert 0 < flush <= 512 << 20 and flush % 2 == 0
 
 
 def test_probe_times_layers_by_their_kernels_on_ort_cpu_only() -> None:
@@ -136,6 +149,7 @@ def test_probe_times_layers_by_their_kernels_on_ort_cpu_only() -> None:
 
     probe = LatencyProbe(warmup=1, repeat=3)
     assert probe.layer_scope == "kernels" and probe.fingerprint()["layer_scope"] == "kernels"
+    assert probe.fingerprint()["cold_cache_bytes"] == cache_flush_bytes()
     assert LatencyProbe(backend="tvm").layer_scope == "end_to_end"
     assert LatencyProbe(device="cuda").layer_scope == "end_to_end"
 
