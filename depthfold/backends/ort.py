@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["available_providers", "default_device", "create_session", "feeds", "run", "measure", "session_device",
-           "session_threads", "check_session_args", "measure_kernels", "cache_flush_bytes", "OrtBackend", "GRAPH_OPTIMIZATIONS",
+           "session_threads", "check_session_args", "measure_kernels", "last_level_cache_bytes", "OrtBackend", "GRAPH_OPTIMIZATIONS",
            "LAYOUT_OPS"]
 
 logger = logging.getLogger(__name__)
@@ -225,8 +225,7 @@ def measure_kernels(model: onnx.ModelProto | bytes | str | Path, inputs: Sequenc
     layout; end-to-end timing of the layer alone adds the reorders at its boundary (on ORT CPU, ~25% of a
     MobileNetV2 layer's time at 224x224). Whole models are timed end to end (:func:`measure`).
 
-    ``flush_bytes``: before every run, write a buffer this large (use ~2x the last-level cache, see
-    :func:`cache_flush_bytes`), so the layer's weights come from memory as they do inside a network whose
+    ``flush_bytes``: before every run, write a buffer this large (~2x :func:`last_level_cache_bytes`), so the layer's weights come from memory as they do inside a network whose
     weights do not fit in cache; its input is read again by the (untimed) layout reorder and is warm, as
     it is in a network. Without it, a 512-channel conv of 64x64 ResNet-34 times at half its in-network cost.
     """
@@ -263,20 +262,20 @@ def measure_kernels(model: onnx.ModelProto | bytes | str | Path, inputs: Sequenc
                        device=session_device(session))
 
 
-def cache_flush_bytes(default: int = 32 << 20) -> int:
-    """Twice the largest CPU cache this machine reports (Linux sysfs; ``default`` if unknown), at most 512 MiB."""
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest CPU cache this machine reports (Linux sysfs), or ``default`` if unknown."""
     largest = 0
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
             text = (index / "size").read_text().strip()
         except OSError:
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         scale = units.get(text[-1:].upper(), 1)
         digits = text[:-1] if text[-1:].upper() in units else text
         if digits.isdigit():
             largest = max(largest, int(digits) * scale)
-    return min(2 * (largest or default), 512 << 20)
+    return largest or default
 
 
 class OrtBackend:

@@ -97,18 +97,29 @@ class LatencyProbe:
     @property
     def layer_scope(self) -> str:
         """How :meth:`measure_layer` times a layer: ``"kernels"`` (ONNX Runtime CPU: the layer's own kernels,
-        read from ORT's profiler, with its weights evicted from the CPU caches before each run and without the
-        layout reorders and call overhead a layer timed alone pays and a layer inside a network does not) or ``"end_to_end"`` (the whole call; a caller relating layers to a
+        read from ORT's profiler, without the layout reorders and call overhead a layer timed alone pays and a
+        layer inside a network does not) or ``"end_to_end"`` (the whole call; a caller relating layers to a
         network subtracts the time of an identity model itself)."""
         return "kernels" if (self.backend, self.device) == ("onnxruntime", "cpu") else "end_to_end"
 
-    def measure_layer(self, model: Any, inputs: tuple[Any, ...]) -> dict[str, Any]:
-        """Time one layer (an ONNX ``ModelProto``) as part of a network; see :attr:`layer_scope`."""
+    @property
+    def cache_bytes(self) -> int:
+        """The host CPU's last-level cache: a network whose weights exceed it reads them from memory."""
+        from .ort import last_level_cache_bytes
+
+        return last_level_cache_bytes()
+
+    def measure_layer(self, model: Any, inputs: tuple[Any, ...], *, cold: bool = False) -> dict[str, Any]:
+        """Time one layer (an ONNX ``ModelProto``) as part of a network; see :attr:`layer_scope`.
+
+        ``cold``: evict the CPU caches before each run (``"kernels"`` scope), for layers of a network whose
+        weights do not fit in :attr:`cache_bytes`, so they come from memory as they do there.
+        """
         if self.layer_scope == "kernels":
-            from .ort import cache_flush_bytes, measure_kernels
+            from .ort import measure_kernels
 
             return measure_kernels(model, inputs, device=self.device, threads=self.threads, warmup=self.warmup,
-                                   repeat=self.repeat, flush_bytes=cache_flush_bytes()).to_dict()
+                                   repeat=self.repeat, flush_bytes=2 * self.cache_bytes if cold else 0).to_dict()
         return self.measure(model, inputs)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -116,15 +127,8 @@ class LatencyProbe:
         versions = {pkg: _version(pkg) for pkg in ("onnx", "onnxruntime", "apache-tvm")}
         return {"backend": self.backend, "device": self.device, "threads": self.threads, "warmup": self.warmup,
                 "repeat": self.repeat, "options": [list(o) for o in self.options], "layer_scope": self.layer_scope,
-                "cold_cache_bytes": _flush_bytes() if self.layer_scope == "kernels" else 0,
                 "machine": _machine(), "gpu": _gpu_name() if self.device == "cuda" else None,
                 "versions": versions}
-
-
-def _flush_bytes() -> int:
-    from .ort import cache_flush_bytes
-
-    return cache_flush_bytes()
 
 
 def _version(package: str) -> str | None:

@@ -186,9 +186,9 @@ def _overhead_spec(spec: LayerSpec) -> LayerSpec:
     return LayerSpec(spec.input_shape, ())
 
 
-def measure_spec(spec: LayerSpec, probe: Any) -> dict[str, Any]:
+def measure_spec(spec: LayerSpec, probe: Any, cold: bool = False) -> dict[str, Any]:
     """Time one layer with ``probe.measure_layer`` (a job: runs in worker processes too)."""
-    return probe.measure_layer(spec.to_onnx(), tuple(torch.from_numpy(a) for a in spec.example_inputs()))
+    return probe.measure_layer(spec.to_onnx(), tuple(torch.from_numpy(a) for a in spec.example_inputs()), cold=cold)
 
 
 @dataclass
@@ -197,8 +197,10 @@ class LatencyTable:
 
     Each entry is the layer's cost inside a network: on ORT CPU its own kernels' time from the profiler
     (timed alone end to end, a layer also pays the NCHWc layout reorders at its boundary, which made the
-    MobileNetV2 layers at 224x224 sum to 123% of the whole model); on other backends its end-to-end time
-    minus that of an identity model at the same input shape (the call overhead).
+    MobileNetV2 layers at 224x224 sum to 123% of the whole model), with the CPU caches flushed before each
+    run when the network's weights exceed the last-level cache (inside such a network every layer reads its
+    weights from memory: 64x64 ResNet-34's layers timed warm summed to 64% of its kernel time); on other
+    backends its end-to-end time minus that of an identity model at the same input shape (the call overhead).
     """
 
     median_ms: list[float]
@@ -210,12 +212,15 @@ class LatencyTable:
     rejected_entries: int
     """Cache entries found corrupted or not matching their key: deleted and re-measured."""
     seconds: float
+    cold: bool = False
+    """Layers were timed with the CPU caches flushed: the network's weights exceed the last-level cache."""
     probe: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {"candidates": len(self.median_ms), "distinct_layers": self.distinct_layers,
                 "cache_hits": self.cache_hits, "measured": self.measured,
-                "rejected_cache_entries": self.rejected_entries, "seconds": self.seconds, "probe": self.probe}
+                "rejected_cache_entries": self.rejected_entries, "seconds": self.seconds, "cold_weights": self.cold,
+                "probe": self.probe}
 
 
 def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], probe: Any, *,
@@ -232,6 +237,8 @@ def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segment
     root = cache_dir("layermerge", "latency")
     specs = [choice_spec(gm, trunk, c) for c in choices]
     end_to_end = probe.layer_scope == "end_to_end"
+    weight_bytes = sum(p.numel() * p.element_size() for p in gm.parameters())
+    cold = not end_to_end and weight_bytes > probe.cache_bytes
     distinct: dict[str, LayerSpec] = {}
     for spec in specs:
         if spec is not None and spec.ops:
@@ -243,7 +250,7 @@ def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segment
     hits = rejected = 0
     todo: list[tuple[str, LayerSpec]] = []
     for signature, spec in distinct.items():
-        key = json.dumps({"layer": signature, "probe": fingerprint}, sort_keys=True)
+        key = json.dumps({"layer": signature, "probe": fingerprint, "cold": cold}, sort_keys=True)
         cached = load_entry(entry_path(root, key), key) if use_cache else None
         if isinstance(cached, dict):
             results[signature] = cached
@@ -258,7 +265,7 @@ def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segment
         if use_cache:
             store_entry(entry_path(root, key), key, result)
 
-    run_jobs(measure_spec, [(spec, probe) for _, spec in todo], store, executor=executor,
+    run_jobs(measure_spec, [(spec, probe, cold) for _, spec in todo], store, executor=executor,
              threads_per_job=int(fingerprint.get("threads", 1)), progress=progress, desc="latency table")
     medians, p10s, p90s = [], [], []
     for spec in specs:
@@ -268,4 +275,4 @@ def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segment
         p10s.append(max(0.0, float(r["p10_ms"]) - base) if r else 0.0)
         p90s.append(max(0.0, float(r["p90_ms"]) - base) if r else 0.0)
     return LatencyTable(medians, p10s, p90s, len(distinct), hits, len(todo), rejected,
-                        time.perf_counter() - start, fingerprint)
+                        time.perf_counter() - start, cold, fingerprint)

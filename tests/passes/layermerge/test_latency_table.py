@@ -235,3 +235,30 @@ def test_ray_executor(tiny_cnn, probe, tmp_path, monkeypatch):
         ray.shutdown()
     assert table.measured == table.distinct_layers
     assert len(table.median_ms) == len(choices) and all(m >= 0.0 for m in table.median_ms)
+
+
+class RecordingProbe(LatencyProbe):
+    """Records the cold flag of every layer timed; pretends the CPU cache holds ``cache`` bytes."""
+
+    def __init__(self, cache: int) -> None:
+        super().__init__(repeat=1, warmup=0)
+        object.__setattr__(self, "_cache", cache)
+        object.__setattr__(self, "calls", [])
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._cache  # type: ignore[attr-defined]
+
+    def measure_layer(self, model, inputs, *, cold=False):  # type: ignore[no-untyped-def]
+        self.calls.append(cold)  # type: ignore[attr-defined]
+        return {"median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0}
+
+
+@pytest.mark.parametrize("cache, cold", [(1, True), (1 << 40, False)])
+def test_layers_of_a_network_too_big_for_the_cache_are_timed_cold(tiny_cnn, tmp_path, monkeypatch, cache, cold):
+    monkeypatch.setenv("DEPTHFOLD_CACHE", str(tmp_path))
+    gm, trunk, choices = tiny_cnn
+    probe = RecordingProbe(cache)
+    table = build_latency_table(gm, trunk, choices, probe, executor="serial")
+    assert table.cold is cold and table.summary()["cold_weights"] is cold
+    assert probe.calls and set(probe.calls) == {cold}

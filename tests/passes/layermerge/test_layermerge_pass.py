@@ -189,7 +189,7 @@ class FusingProbe:
     def fingerprint(self) -> dict:
         return {"backend": "fake-fusing", "threads": 1}
 
-    def measure_layer(self, model, inputs) -> dict:  # type: ignore[no-untyped-def]
+    def measure_layer(self, model, inputs, cold=False) -> dict:  # type: ignore[no-untyped-def]
         return self.measure(model, inputs)
 
     def speedup(self, reference, candidate, inputs) -> dict:  # type: ignore[no-untyped-def]
