@@ -30,9 +30,11 @@ from torch import nn
 from torch.fx import Graph, GraphModule
 from torch.utils.data import TensorDataset
 
+from .. import ir
 from ..errors import ConfigError, suggest
+from ..ir import ops
 
-__all__ = ["RecoverReport", "recover"]
+__all__ = ["RecoverReport", "recalibrate_batch_norm", "recover"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +170,62 @@ def recover(
     logger.info("recover: %d steps in %.1f s, loss %.4g -> %.4g, KL %.4g -> %.4g", report.steps,
                 report.seconds, report.loss_first, report.loss_last, report.kl_before, report.kl_after)
     return report
+
+
+def recalibrate_batch_norm(model: GraphModule, x: torch.Tensor, *, batch_size: int = 64) -> int:
+    """Re-estimate the running mean and variance of every inference batch norm of ``model`` on inputs ``x``
+    (in place); returns how many were updated.
+
+    Removing activations and convs changes what the batch norms after them see, so their stored statistics
+    no longer normalise; re-estimating them on a few hundred inputs recovers much of the accuracy before any
+    training (AdaBN, Li et al. 2016; adaptive BN in EagleEye, Li et al. ECCV 2020). One pass: each batch norm
+    normalises with its batch's statistics while they are summed, so every batch norm sees its predecessors
+    already recalibrated. ``model`` must own its statistics (a copy, not tensors shared with the original).
+    """
+    stats: dict[str, list[torch.Tensor]] = {}
+    norms = {n.name: n for n in model.graph.nodes if ops.is_batch_norm(n) and _stored_stats(n)}
+    if not norms:
+        return 0
+
+    class Recalibrating(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            if n.name not in norms:
+                return super().run_node(n)
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            inp, weight, bias = args[0], args[1], args[2]
+            eps = float(args[7] if n.target is torch.ops.aten.batch_norm.default else args[6])
+            dims = [d for d in range(inp.dim()) if d != 1]
+            mean, var = inp.mean(dims), inp.var(dims, unbiased=False)
+            count = inp.numel() // inp.shape[1]
+            acc = stats.setdefault(n.name, [torch.zeros_like(mean, dtype=torch.float64)] * 2 + [torch.zeros(())])
+            acc[0] = acc[0] + mean.double() * count
+            acc[1] = acc[1] + (var.double() + mean.double() ** 2) * count
+            acc[2] = acc[2] + count
+            shape = [1, -1] + [1] * (inp.dim() - 2)
+            out = (inp - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+            if weight is not None:
+                out = out * weight.reshape(shape)
+            if bias is not None:
+                out = out + bias.reshape(shape)
+            if n.target is torch.ops.aten.batch_norm.default:
+                return out
+            return out, mean.new_empty(0), mean.new_empty(0)
+
+    interpreter = Recalibrating(model)
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            interpreter.run(x[i:i + batch_size].to(_device_of(model)))
+        for name, node in norms.items():
+            total, squares, count = stats[name]
+            mean = total / count
+            var = (squares / count - mean**2).clamp_min(0.0)
+            ir.get_param(model, node.args[3]).copy_(mean)
+            ir.get_param(model, node.args[4]).copy_(var)
+    return len(norms)
+
+
+def _stored_stats(node: torch.fx.Node) -> bool:
+    return all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in node.args[3:5])
 
 
 def _check_options(steps: int, lr: float, batch_size: int, temperature: float, label_weight: float,

@@ -84,7 +84,8 @@ def _layermerge_section(d: dict[str, Any]) -> list[str]:
              f"original {lat['original_ms']:.3f} ms, predicted {lat['predicted_ms']:.3f} ms "
              f"({lat['predicted_speedup']:.2f}×), measured {lat['measured_ms']:.3f} ms "
              f"({lat['measured_speedup']:.2f}×).",
-             f"Calibration accuracy: original {_num(acc['original'])}, compressed before recovery "
+             f"Calibration accuracy: original {_num(acc['original'])}, compressed {_num(acc.get('compressed'))}, "
+             f"with {acc.get('batch_norms_recalibrated', 0)} batch norms recalibrated "
              f"{_num(acc['compressed_before_recovery'])}, after recovery {_num(acc['after_recovery'])} "
              f"(output KL {acc['output_kl']:.4f}, {acc['samples']} held-out samples"
              f"{', synthetic inputs' if acc['synthetic_data'] else ''}).",

@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 import depthfold
 from depthfold import ir
 from depthfold.errors import ConfigError
-from depthfold.passes.recover import RecoverReport, recover
+from depthfold.passes.recover import RecoverReport, recalibrate_batch_norm, recover
 from depthfold.zoo.data import digits_datasets
 
 BATCH = 32
@@ -243,3 +243,47 @@ def test_output_shape_mismatch(digits) -> None:
     student.fc = nn.Linear(8, 5)
     with pytest.raises(ConfigError, match=r"student outputs shape \(16, 5\) but the teacher \(16, 10\)"):
         recover(student, teacher, train, steps=1, batch_size=16)
+
+
+def test_recalibrate_batch_norm_stores_the_statistics_each_norm_now_sees() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, 5, 3),
+                          nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)).eval()
+    x = torch.randn(40, 3, 8, 8) * 2 + 1
+    model(x)
+    gm = ir.capture(model, (x[:1],)).graph_module
+    norms = [n for n in gm.graph.nodes if ir.ops.is_batch_norm(n)]
+    assert len(norms) == 2
+    teacher = copy.deepcopy(gm)
+    assert recalibrate_batch_norm(gm, x, batch_size=64) == 2  # one batch: batch statistics = population
+    for node in norms:
+        tapped = GraphModule(gm, _tapped_graph(gm, node.args[0].name))
+        with torch.no_grad():
+            seen = tapped(x)
+        mean, var = seen.mean((0, 2, 3)), seen.var((0, 2, 3), unbiased=False)
+        torch.testing.assert_close(ir.get_param(gm, node.args[3]), mean, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ir.get_param(gm, node.args[4]), var, atol=1e-4, rtol=1e-4)
+    # The original's statistics are untouched, and the recalibrated network now normalises its inputs.
+    assert not torch.allclose(ir.get_param(teacher, norms[0].args[3]), ir.get_param(gm, norms[0].args[3]))
+    # Several batches: the first norm's input does not depend on any norm, so its population statistics are
+    # exact; the second norm's input was normalised with batch statistics on the way, so they are close.
+    first_mean = ir.get_param(gm, norms[0].args[3]).clone()
+    first_var = ir.get_param(gm, norms[0].args[4]).clone()
+    assert recalibrate_batch_norm(gm, x, batch_size=7) == 2
+    torch.testing.assert_close(ir.get_param(gm, norms[0].args[3]), first_mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ir.get_param(gm, norms[0].args[4]), first_var, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ir.get_param(gm, norms[1].args[4]), var, atol=0.0, rtol=0.1)
+
+
+def _tapped_graph(gm: GraphModule, name: str) -> torch.fx.Graph:
+    graph = torch.fx.Graph()
+    env: dict = {}
+    out = None
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            break
+        env[node] = out = graph.node_copy(node, lambda n: env[n])
+        if node.name == name:
+            break
+    graph.output(out)
+    return graph

@@ -26,7 +26,7 @@ from torch.fx import GraphModule
 from ... import ir
 from ...errors import ConfigError, PassError
 from ..base import Change, Exactness, PassContext, PassResult, Skip
-from ..recover import recover
+from ..recover import recalibrate_batch_norm, recover
 from ..registry import register_pass
 from .apply import META_SEGMENT, apply_plan, merge_segments
 from .candidates import Mode, enumerate_choices
@@ -39,6 +39,7 @@ __all__ = ["LayerMergeConfig", "layermerge"]
 
 _REPAD_TARGETS = (torch.ops.aten.constant_pad_nd.default, torch.ops.aten.slice.Tensor)
 _WHOLE_MEASUREMENTS = 3
+_RECALIBRATION_SAMPLES = 512
 _MERGE_RTOL = 1e-4
 """The deployment merge must reproduce the compressed network to this error relative to its output scale."""
 
@@ -62,6 +63,8 @@ class LayerMergeConfig:
     recover_steps: int = 200
     """Distillation steps on the compressed network before the final merge (0: none)."""
     lr: float = 1e-3
+    recalibrate_bn: bool = True
+    """Re-estimate the compressed network's batch-norm statistics on calibration data before recovery."""
     recover_label_weight: float = 0.5
     """Weight of the cross-entropy on the data's labels during recovery, when it has labels (KL on the
     original's logits always)."""
@@ -142,7 +145,13 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
 
     compressed, segments = apply_plan(gm, trunk, chosen)
     ir.annotate(compressed, inputs)
-    accuracy_before = accuracy(batched_logits(compressed, calib.eval_x, calib.batch_size), calib.eval_y)
+    accuracy_compressed = accuracy(batched_logits(compressed, calib.eval_x, calib.batch_size), calib.eval_y)
+    recalibrated = 0
+    if config.recalibrate_bn:
+        recalibrated = recalibrate_batch_norm(compressed, calib.train_x[:_RECALIBRATION_SAMPLES],
+                                              batch_size=calib.batch_size)
+    accuracy_before = (accuracy(batched_logits(compressed, calib.eval_x, calib.batch_size), calib.eval_y)
+                       if recalibrated else accuracy_compressed)
     recovery = None
     if config.recover_steps:
         clock = time.perf_counter()
@@ -193,7 +202,8 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
         "trunk": trunk.summary(),
         "tables": {"latency": latency.summary(), "importance": importance.summary()},
         "timings": {**timings, "latency_table_s": latency.seconds, "importance_table_s": importance.seconds},
-        "accuracy": {"original": importance.original_accuracy, "compressed_before_recovery": accuracy_before,
+        "accuracy": {"original": importance.original_accuracy, "compressed": accuracy_compressed,
+                     "batch_norms_recalibrated": recalibrated, "compressed_before_recovery": accuracy_before,
                      "after_recovery": accuracy(student, calib.eval_y), "output_kl": output_kl(teacher, student),
                      "samples": len(calib.eval_x), "synthetic_data": calib.synthetic},
         "recovery": recovery.to_dict() if recovery else None,
