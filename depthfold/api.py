@@ -57,16 +57,9 @@ class OptimizeResult:
     def measure(self, *, device: str = "cpu", threads: int = 1, rounds: int = 20, warmup: int = 3
                 ) -> dict[str, Any]:
         """Time the original and the optimized model in ONNX Runtime, interleaved; store it in the report."""
-        sessions = {
-            name: ort.create_session(onnx_backend.to_onnx_model(gm, self.example_inputs), device=device,
-                                     threads=threads)
-            for name, gm in (("original", self.original), ("optimized", self.module))
-        }
-        feeds = {name: ort.feeds(session, self.example_inputs) for name, session in sessions.items()}
-        result = latency_mod.compare_interleaved(
-            {name: (lambda s=session, f=feeds[name]: s.run(None, f)) for name, session in sessions.items()},
-            rounds=rounds, warmup=warmup, min_sample_ms=50.0, baseline="original", threads=threads,
-            backend="onnxruntime", device=device)
+        result = ort.compare_models({"original": self.original, "optimized": self.module}, self.example_inputs,
+                                    device=device, threads=threads, rounds=rounds, warmup=warmup,
+                                    min_sample_ms=50.0, baseline="original")
         speedups = [1.0 / r for r in result["ratios"]["optimized"]["samples"]]
         summary = {
             "backend": "onnxruntime", "device": device, "threads": threads, "rounds": rounds,

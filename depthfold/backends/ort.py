@@ -7,10 +7,11 @@ latency number is tied to a known thread count (recorded in every :class:`Measur
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,17 +21,18 @@ import torch
 
 from .._atomic import ensure_writable_dir
 from ..errors import ArtifactError, BackendUnavailableError, ConfigError, suggest
+from ..ir import flatten_outputs
 from .base import DEVICES, Inputs, Target, host_arch
-from .latency import Measurement, time_callable
-from .onnx import OnnxArtifact, export_onnx, to_numpy
+from .latency import Measurement, _check_counts, compare_interleaved, time_callable
+from .onnx import OnnxArtifact, export_onnx, to_numpy, to_onnx_model
 
 if TYPE_CHECKING:
     import onnxruntime
     from torch import nn
 
 __all__ = ["available_providers", "default_device", "create_session", "feeds", "run", "measure", "session_device",
-           "session_threads", "check_session_args", "measure_kernels", "last_level_cache_bytes", "OrtBackend", "GRAPH_OPTIMIZATIONS",
-           "LAYOUT_OPS"]
+           "session_threads", "check_session_args", "compare_models", "measure_kernels", "last_level_cache_bytes",
+           "OrtBackend", "GRAPH_OPTIMIZATIONS", "LAYOUT_OPS"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,14 +227,11 @@ def measure_kernels(model: onnx.ModelProto | bytes | str | Path, inputs: Sequenc
     layout; end-to-end timing of the layer alone adds the reorders at its boundary (on ORT CPU, ~25% of a
     MobileNetV2 layer's time at 224x224). Whole models are timed end to end (:func:`measure`).
 
-    ``flush_bytes``: before every run, write a buffer this large (~2x :func:`last_level_cache_bytes`), so the layer's weights come from memory as they do inside a network whose
-    weights do not fit in cache; its input is read again by the (untimed) layout reorder and is warm, as
+    ``flush_bytes``: before every run, write a buffer this large (~2x :func:`last_level_cache_bytes`), so
+    the layer's weights come from memory as they do inside a network whose weights do not fit in cache; its input is read again by the (untimed) layout reorder and is warm, as
     it is in a network. Without it, a 512-channel conv of 64x64 ResNet-34 times at half its in-network cost.
     """
-    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-        raise ConfigError(f"repeat must be an integer >= 1, got {repeat!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
+    _check_counts(warmup, repeat)
     with tempfile.TemporaryDirectory(prefix="depthfold-ort-profile-") as tmp:
         session = create_session(model, device=device, threads=threads, profile_dir=Path(tmp))
         feed = feeds(session, inputs)
@@ -262,6 +261,7 @@ def measure_kernels(model: onnx.ModelProto | bytes | str | Path, inputs: Sequenc
                        device=session_device(session))
 
 
+@functools.cache
 def last_level_cache_bytes(default: int = 32 << 20) -> int:
     """The largest CPU cache this machine reports (Linux sysfs), or ``default`` if unknown."""
     largest = 0
@@ -276,6 +276,21 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
         if digits.isdigit():
             largest = max(largest, int(digits) * scale)
     return largest or default
+
+
+def compare_models(models: Mapping[str, Any], inputs: Sequence[Any], *, device: str = "cpu", threads: int = 1,
+                   rounds: int = 20, warmup: int = 3, min_sample_ms: float | None = None,
+                   baseline: str | None = None) -> dict[str, Any]:
+    """Time ``models`` (name -> ``nn.Module`` exported in memory, or ONNX model / path) interleaved, one ORT
+    session each, with :func:`~depthfold.backends.latency.compare_interleaved` (whose result this returns)."""
+    calls = {}
+    for name, model in models.items():
+        source = to_onnx_model(model, tuple(inputs)) if isinstance(model, torch.nn.Module) else model
+        session = create_session(source, device=device, threads=threads)
+        feed = feeds(session, flatten_outputs(tuple(inputs)))
+        calls[name] = lambda s=session, f=feed: s.run(None, f)
+    return compare_interleaved(calls, rounds=rounds, warmup=warmup, min_sample_ms=min_sample_ms, baseline=baseline,
+                               threads=threads, backend="onnxruntime", device=device)
 
 
 class OrtBackend:

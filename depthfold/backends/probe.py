@@ -14,10 +14,7 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
-import onnx
-
 from ..errors import ConfigError
-from ..ir import flatten_outputs
 
 __all__ = ["LatencyProbe"]
 
@@ -66,21 +63,14 @@ class LatencyProbe:
 
         Returns ``{"median", "p10", "p90", "rounds", "reference_ms", "candidate_ms"}``.
         """
-        from .latency import compare_interleaved, quantile
+        from .latency import quantile
 
         if self.backend == "onnxruntime":
-            from .onnx import to_onnx_model
-            from .ort import create_session, feeds
+            from .ort import compare_models
 
-            calls = {}
-            for name, model in (("reference", reference), ("candidate", candidate)):
-                proto = to_onnx_model(model, inputs) if not isinstance(model, onnx.ModelProto) else model
-                session = create_session(proto, device=self.device, threads=self.threads)
-                feed = feeds(session, flatten_outputs(inputs))
-                calls[name] = lambda s=session, f=feed: s.run(None, f)
-            result = compare_interleaved(calls, rounds=rounds, warmup=self.warmup, min_sample_ms=20.0,
-                                         baseline="reference", threads=self.threads, backend=self.backend,
-                                         device=self.device)
+            result = compare_models({"reference": reference, "candidate": candidate}, inputs,
+                                    device=self.device, threads=self.threads, rounds=rounds, warmup=self.warmup,
+                                    min_sample_ms=20.0, baseline="reference")
             ratios = [1.0 / r for r in result["ratios"]["candidate"]["samples"]]
             medians = {name: m.median_ms for name, m in result["measurements"].items()}
         else:  # rounds of whole measurements (TVM caches its builds, so only the first round compiles)

@@ -182,10 +182,10 @@ def recalibrate_batch_norm(model: GraphModule, x: torch.Tensor, *, batch_size: i
     normalises with its batch's statistics while they are summed, so every batch norm sees its predecessors
     already recalibrated. ``model`` must own its statistics (a copy, not tensors shared with the original).
     """
-    stats: dict[str, list[torch.Tensor]] = {}
     norms = {n.name: n for n in model.graph.nodes if ops.is_batch_norm(n) and _stored_stats(n)}
     if not norms:
         return 0
+    stats: dict[str, list[Any]] = {name: [0.0, 0.0, 0] for name in norms}  # sum, sum of squares, count
 
     class Recalibrating(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> Any:
@@ -197,10 +197,10 @@ def recalibrate_batch_norm(model: GraphModule, x: torch.Tensor, *, batch_size: i
             dims = [d for d in range(inp.dim()) if d != 1]
             mean, var = inp.mean(dims), inp.var(dims, unbiased=False)
             count = inp.numel() // inp.shape[1]
-            acc = stats.setdefault(n.name, [torch.zeros_like(mean, dtype=torch.float64)] * 2 + [torch.zeros(())])
+            acc = stats[n.name]
             acc[0] = acc[0] + mean.double() * count
             acc[1] = acc[1] + (var.double() + mean.double() ** 2) * count
-            acc[2] = acc[2] + count
+            acc[2] += count
             shape = [1, -1] + [1] * (inp.dim() - 2)
             out = (inp - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
             if weight is not None:
@@ -212,9 +212,10 @@ def recalibrate_batch_norm(model: GraphModule, x: torch.Tensor, *, batch_size: i
             return out, mean.new_empty(0), mean.new_empty(0)
 
     interpreter = Recalibrating(model)
+    device = _device_of(model)
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
-            interpreter.run(x[i:i + batch_size].to(_device_of(model)))
+            interpreter.run(x[i:i + batch_size].to(device))
         for name, node in norms.items():
             total, squares, count = stats[name]
             mean = total / count

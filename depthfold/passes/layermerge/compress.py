@@ -147,15 +147,17 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
     timings["plan_s"] = time.perf_counter() - clock  # DP solves and the replanning measurements
     chosen = [choices[c.choice] for c in plan.chosen]
 
+    def held_out_logits(model: GraphModule) -> torch.Tensor:
+        return batched_logits(model, calib.eval_x, calib.batch_size)
+
     compressed, segments = apply_plan(gm, trunk, chosen)
     ir.annotate(compressed, inputs)
-    accuracy_compressed = accuracy(batched_logits(compressed, calib.eval_x, calib.batch_size), calib.eval_y)
+    accuracy_compressed = accuracy(held_out_logits(compressed), calib.eval_y)
     recalibrated = 0
     if config.recalibrate_bn:
         recalibrated = recalibrate_batch_norm(compressed, calib.train_x[:_RECALIBRATION_SAMPLES],
                                               batch_size=calib.batch_size)
-    accuracy_before = (accuracy(batched_logits(compressed, calib.eval_x, calib.batch_size), calib.eval_y)
-                       if recalibrated else accuracy_compressed)
+    accuracy_before = accuracy(held_out_logits(compressed), calib.eval_y) if recalibrated else accuracy_compressed
     recovery = None
     if config.recover_steps:
         clock = time.perf_counter()
@@ -174,8 +176,8 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
                         "in the merge, please report it with the model")
     speedup = context.latency_probe.speedup(gm, merged, inputs)
     measured_ms = whole_ms / speedup["median"]
-    teacher = batched_logits(gm, calib.eval_x, calib.batch_size)
-    student = batched_logits(merged, calib.eval_x, calib.batch_size)
+    teacher = held_out_logits(gm)
+    student = held_out_logits(merged)
     predicted_ms = plan.latency + fixed_ms
     changes = []
     merged_by_segment = {seg.index: node.name for seg, node in zip(segments, merged_nodes) if node is not None}
@@ -240,9 +242,9 @@ def _plan_with_feedback(gm: GraphModule, trunk, choices, candidates: list[Candid
     corrected budget (shifted by the measured error, or interpolated between plans
     measured on either side of the target), up to ``config.replan`` times.
 
-    Layers timed alone miss effects of the whole network (cache reuse between layers, operator fusion), so
-    the table's prediction is off by a few percent at 224x224 and by ~20% on 64x64 ResNet-34 (ORT CPU);
-    the feedback closes that gap on the real backend.
+    Layers timed alone miss effects of the whole network (which weights stay cached, per-node dispatch on
+    tiny layers), so the table's prediction is off by up to ~20% at 224x224 and more on 64x64 MobileNetV2
+    (ORT CPU, benchmarks/results/layermerge.md); the feedback closes that gap on the real backend.
     Returns the highest-importance measured plan within tolerance of the target (else the fastest one).
     """
     budget = target_ms - fixed_ms
