@@ -20,8 +20,8 @@ Rounding this way is conservative: ``sum t_c <= r * sum k_c <= r * B <= T``, so 
 also meets the true budget. (The reference implementation truncates latencies instead, ``k_c =
 floor(t_c / r)``, which lets its plans run over the budget; it reports ~3%.) A quotient within 1e-9
 (relative) of a whole number counts as that number, so float noise such as ``0.6 / 0.3 =
-2.0000000000000004`` does not cost a step; this guard is the only way a returned plan can exceed ``T``,
-and then by at most ~1e-9 relative. ``resolution=None`` uses ``r = T / 5000`` (``B = 5000`` steps), which
+2.0000000000000004`` does not cost a step (the budget's steps are never snapped above ``T``); this guard
+on latencies is the only way a returned plan can exceed ``T``, and then by at most ~1e-9 relative. ``resolution=None`` uses ``r = T / 5000`` (``B = 5000`` steps), which
 costs at most one step per chosen candidate, i.e. about ``n_chosen / 5000`` of the budget. With integer
 latencies and ``r = 1`` the answer is exactly optimal.
 
@@ -180,6 +180,8 @@ def solve_plan(
         )
 
     steps = _floor_steps(budget / resolution)
+    if steps * resolution > budget:  # the snap must never let the steps cover more than the budget
+        steps -= 1
     if (num_positions + 1) * (steps + 1) > _MAX_CELLS:
         raise ConfigError(
             f"resolution {resolution:.6g} gives {steps} budget steps x {num_positions + 1} positions, "
