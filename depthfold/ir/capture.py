@@ -8,10 +8,12 @@ also captures Hugging Face models, which ``symbolic_trace`` cannot.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,22 +21,29 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ..errors import CaptureError, ConfigError
+from ..errors import CaptureError, ConfigError, suggest
 from .graph import META_MODULE_PATH, META_MODULE_TYPE, annotate
 
-__all__ = ["CapturedModel", "capture", "normalize_inputs", "describe_inputs"]
+__all__ = ["CapturedModel", "capture", "describe_inputs", "dynamic_dims", "normalize_inputs", "split_inputs"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class CapturedModel:
-    """A captured model: the graph module, the example inputs it was captured with, and its origin."""
+    """A captured model: the graph module, the example inputs it was captured with, and its origin.
+
+    The graph takes its inputs positionally, in ``input_names`` order (positional arguments first, then
+    keyword arguments in the order of ``forward``'s parameters).
+    """
 
     graph_module: GraphModule
     example_inputs: tuple[torch.Tensor, ...]
     model_name: str
     input_names: tuple[str, ...] = field(default=())
+    dynamic: dict[str, Any] = field(default_factory=dict)
+    """Which dimensions were captured dynamic: ``{"batch": bool, "seq": bool, "dims": {input: [dims]},
+    "fallback": reason or None}``."""
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -47,9 +56,42 @@ def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
             return tuple(example_inputs)
         kinds = ", ".join(f"#{i}: {type(example_inputs[i]).__name__}" for i in bad)
         raise ConfigError(f"example_inputs must all be torch.Tensor; got {kinds}. "
-                          "Pass tensors positionally, e.g. (torch.randn(1, 3, 224, 224),)")
-    raise ConfigError(f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
-                      f"{type(example_inputs).__name__}; e.g. (torch.randn(1, 3, 224, 224),)")
+                          "Pass tensors positionally, e.g. (torch.randn(1, 3, 224, 224),), or keyword "
+                          "arguments as a dict, e.g. {'input_ids': ids, 'attention_mask': mask}")
+    raise ConfigError(f"example_inputs must be a tensor, a non-empty tuple of tensors, a dict of keyword "
+                      f"arguments or an (args, kwargs) pair, got {type(example_inputs).__name__}; e.g. "
+                      "(torch.randn(1, 3, 224, 224),) or {'input_ids': ids, 'attention_mask': mask}")
+
+
+def split_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """``(args, kwargs)`` from a tensor, a tuple of tensors, a dict of keyword arguments or an ``(args, kwargs)``
+    pair; keyword arguments are checked against ``model.forward`` and put in its parameter order."""
+    args: Any = example_inputs
+    kwargs: Any = {}
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), example_inputs
+    elif (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2
+          and isinstance(example_inputs[0], (tuple, list)) and isinstance(example_inputs[1], Mapping)):
+        args, kwargs = example_inputs
+    args = normalize_inputs(args) if not (isinstance(args, (tuple, list)) and not args and kwargs) else ()
+    bad = [k for k, v in kwargs.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConfigError(f"keyword example input {bad[0]!r} is a {type(kwargs[bad[0]]).__name__}; every example "
+                          "input must be a torch.Tensor (leave optional arguments out)")
+    if not kwargs:
+        return args, {}
+    params = inspect.signature(model.forward).parameters
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in kwargs if k not in params]
+    if unknown and not open_kwargs:
+        raise ConfigError(f"{type(model).__name__}.forward() has no parameter {unknown[0]!r}"
+                          f"{suggest(unknown[0], named)} Its parameters: {', '.join(named)}")
+    taken = [n for n in named[:len(args)] if n in kwargs]
+    if taken:
+        raise ConfigError(f"example input {taken[0]!r} is given both positionally and as a keyword argument")
+    order = {name: i for i, name in enumerate(named)}
+    return args, dict(sorted(kwargs.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 def describe_inputs(inputs: Sequence[torch.Tensor]) -> str:
@@ -57,23 +99,30 @@ def describe_inputs(inputs: Sequence[torch.Tensor]) -> str:
     return ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
 
 
-def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None) -> CapturedModel:
+def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True,
+            dynamic_shapes: Any = None) -> CapturedModel:
     """Export ``model`` (a private eval-mode copy of it) on ``example_inputs`` into the IR.
 
     Args:
         model: the trained model. It is deep-copied and put in eval mode; the caller's object,
             its mode and its weights are never touched.
-        example_inputs: a tensor or tuple of tensors with the shapes the model will be deployed at.
-        dynamic_shapes: forwarded to ``torch.export.export`` (default: static shapes).
+        example_inputs: a tensor, a tuple of tensors, a dict of keyword arguments (``model(**batch)``, as
+            Hugging Face models are called) or an ``(args, kwargs)`` pair, at deployment shapes.
+        dynamic: capture the batch dimension (and the sequence dimension of integer token inputs) dynamic, so
+            the graph runs at any batch size and sequence length; where the model pins a size (say a reshape
+            to a constant batch), capture falls back to static shapes and ``CapturedModel.dynamic`` says why.
+        dynamic_shapes: forwarded to ``torch.export.export`` instead (overrides ``dynamic``).
 
     Raises:
-        ConfigError: ``model`` is not an ``nn.Module`` or the inputs are not tensors.
+        ConfigError: ``model`` is not an ``nn.Module``, the inputs are not tensors, or a keyword names no
+            parameter of ``forward``.
         CaptureError: the model fails on the inputs, or ``torch.export`` cannot trace it; the
             message names the failing source line when it can and suggests a fix.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = normalize_inputs(example_inputs)
+    args, kwargs = split_inputs(model, example_inputs)
+    inputs = (*args, *kwargs.values())
     name = type(model).__name__
     try:
         private = copy.deepcopy(model).eval()
@@ -90,16 +139,13 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None
                     "are not captured)", name)
     try:
         with torch.no_grad():
-            private(*inputs)
+            private(*args, **kwargs)
     except Exception as err:
         raise CaptureError(f"{name} failed on the example inputs [{describe_inputs(inputs)}]: "
                            f"{_first_line(err)}. Check the inputs' number, shapes and dtypes "
                            "against the model's forward().") from err
-    try:
-        exported = torch.export.export(private, inputs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as err:
-        raise CaptureError(_explain_export_failure(name, err)) from err
-
+    exported, report = _export(private, args, kwargs, dynamic=dynamic and dynamic_shapes is None,
+                               dynamic_shapes=dynamic_shapes, name=name)
     gm = _plain_graph_module(exported.module())
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
@@ -111,7 +157,120 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_shapes: Any = None
             node.meta.setdefault(META_MODULE_PATH, "")
     annotate(gm, inputs)
     input_names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
-    return CapturedModel(gm, tuple(t.detach().clone() for t in inputs), name, input_names)
+    report["dims"] = {n: list(d) for n, d in zip(input_names, dynamic_dims(gm)) if d}
+    return CapturedModel(gm, tuple(t.detach().clone() for t in inputs), name, input_names, report)
+
+
+def dynamic_dims(gm: GraphModule) -> tuple[tuple[int, ...], ...]:
+    """Per graph input (placeholder order), the dimensions captured dynamic (symbolic in ``meta["val"]``)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", ())
+            out.append(tuple(d for d, size in enumerate(shape) if isinstance(size, torch.SymInt)))
+    return tuple(out)
+
+
+def _is_token(t: torch.Tensor) -> bool:
+    return not t.dtype.is_floating_point and t.dim() >= 2
+
+
+def _dynamic_spec(inputs: Sequence[torch.Tensor], seq: bool, max_seq: int | None) -> list[dict[int, Any]]:
+    """Per input, ``{dim: Dim}``: the batch (dim 0) of every input, and dim 1 of token inputs when ``seq``."""
+    batch = torch.export.Dim("batch", min=1)
+    lengths = {t.shape[1] for t in inputs if _is_token(t)}
+    seq_dim = torch.export.Dim("seq", min=1, max=max_seq) if seq and len(lengths) == 1 else None
+    specs = []
+    for t in inputs:
+        spec: dict[int, Any] = {0: batch} if t.dim() >= 1 else {}
+        if seq_dim is not None and _is_token(t):
+            spec[1] = seq_dim
+        specs.append(spec)
+    return specs
+
+
+def _widen(t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """``t`` with every size-1 dimension in ``dims`` repeated to 2: export specialises sizes 0 and 1, so a
+    dynamic dimension is traced at 2 (the graph still runs at 1)."""
+    reps = [2 if d in dims and t.shape[d] == 1 else 1 for d in range(t.dim())]
+    return t.repeat(*reps) if any(r > 1 for r in reps) else t
+
+
+def _export(model: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor], *, dynamic: bool,
+            dynamic_shapes: Any, name: str) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
+    """Export dynamic (batch and sequence, then batch only) where the model allows it, else static."""
+    report: dict[str, Any] = {"batch": False, "seq": False, "fallback": None}
+    attempts: list[tuple[bool, bool]] = []
+    if dynamic:
+        inputs = (*args, *kwargs.values())
+        has_tokens = any(_is_token(t) for t in inputs)
+        attempts = [(True, True), (True, False)] if has_tokens else [(True, False)]
+    max_seq = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    reasons = []
+    for batch, seq in attempts:
+        specs = _dynamic_spec((*args, *kwargs.values()), seq, max_seq)
+        wide = [_widen(t, list(s)) for t, s in zip((*args, *kwargs.values()), specs)]
+        wide_args, wide_kwargs = tuple(wide[:len(args)]), dict(zip(kwargs, wide[len(args):]))
+        shapes = _shapes_for(model, args, kwargs, specs)
+        try:
+            with _quiet_fake_tensor():
+                exported = torch.export.export(model, wide_args, kwargs=wide_kwargs, dynamic_shapes=shapes,
+                                               strict=False)
+            report.update(batch=batch, seq=seq, fallback="; ".join(reasons) or None)
+            return exported, report
+        except Exception as err:  # any failure: the model pins that size; try less dynamic
+            what = "batch and sequence" if seq else "batch"
+            reasons.append(f"{what} not dynamic: {_constraint_reason(err)}")
+            logger.info("capture: %s of %s cannot be dynamic (%s); trying %s", what, name,
+                        _constraint_reason(err), "batch only" if seq else "static shapes")
+    try:
+        exported = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as err:
+        raise CaptureError(_explain_export_failure(name, err)) from err
+    report["fallback"] = "; ".join(reasons) or (None if not dynamic else "static")
+    if reasons:
+        logger.warning("capture: %s captured with static shapes (%s); passes that calibrate run it at the "
+                       "example batch size", name, "; ".join(reasons))
+    return exported, report
+
+
+def _shapes_for(model: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor],
+                specs: list[dict[int, Any]]) -> Any:
+    """``dynamic_shapes`` in the form export wants: a tuple for positional-only calls, else by parameter name."""
+    if not kwargs:
+        return tuple(specs)
+    params = inspect.signature(model.forward).parameters
+    positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    out: dict[str, Any] = dict(zip(positional, specs[:len(args)]))
+    var_kw = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
+    for key, spec in zip(kwargs, specs[len(args):]):
+        if key in params:
+            out[key] = spec
+        elif var_kw is not None:
+            out.setdefault(var_kw, {})[key] = spec
+    return out
+
+
+def _constraint_reason(err: BaseException) -> str:
+    """The line of an export failure that says which size got pinned, and where."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if "specialized" in ln or "Not all values" in ln or "must be" in ln:
+            return ln[:300]
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor() -> Any:
+    """A failed dynamic trace logs the failing meta kernel at ERROR; the fallback makes that expected."""
+    lg = logging.getLogger("torch._subclasses.fake_tensor")
+    level = lg.level
+    lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
 
 
 def _plain_graph_module(module: GraphModule) -> GraphModule:

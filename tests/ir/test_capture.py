@@ -163,8 +163,7 @@ def test_capture_wrong_shape_is_a_capture_error_naming_the_shapes() -> None:
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
-@pytest.mark.parametrize("inputs", [3, None, (), (torch.randn(1, 3, 4, 4), 2.0), [torch.randn(1), "x"],
-                                    {"x": torch.randn(1, 3, 4, 4)}])
+@pytest.mark.parametrize("inputs", [3, None, (), (torch.randn(1, 3, 4, 4), 2.0), [torch.randn(1), "x"]])
 def test_capture_non_tensor_inputs_are_a_config_error(inputs: object) -> None:
     with pytest.raises(ConfigError, match="example_inputs"):
         ir.capture(_model(), inputs)
@@ -215,3 +214,76 @@ def test_to_module_is_trainable() -> None:
     assert all(p.grad is None for p in captured.graph_module.parameters())
     frozen = ir.to_module(captured.graph_module, trainable=False)
     assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_capture_accepts_keyword_inputs_in_forward_order() -> None:
+    x = torch.randn(1, 3, 5, 5)
+    for inputs in ({"x": x}, ((), {"x": x})):
+        captured = ir.capture(_model(), inputs)
+        assert captured.input_names == ("x",)
+        torch.testing.assert_close(captured.graph_module(x), _model().eval()(x))
+
+
+class TokenModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        h = self.emb(ids) * scale
+        return h if mask is None else h * mask.unsqueeze(-1)
+
+
+def test_capture_orders_kwargs_by_the_signature_and_makes_batch_and_sequence_dynamic() -> None:
+    ids = torch.randint(0, 10, (1, 6))
+    mask = torch.ones(1, 6, dtype=torch.long)
+    model = TokenModel()
+    captured = ir.capture(model, {"mask": mask, "ids": ids})
+    assert captured.input_names == ("ids", "mask")
+    assert captured.dynamic["batch"] and captured.dynamic["seq"]
+    assert ir.dynamic_dims(captured.graph_module) == ((0, 1), (0, 1))
+    ids3, mask3 = torch.randint(0, 10, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    torch.testing.assert_close(captured.graph_module(ids3, mask3), model(ids3, mask=mask3))
+
+
+def test_capture_kwarg_naming_no_parameter_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"no parameter 'idz'.*did you mean 'ids'"):
+        ir.capture(TokenModel(), {"idz": torch.randint(0, 10, (1, 6))})
+
+
+class BatchReshape(nn.Module):
+    """Reshapes with its batch size, as Hugging Face EfficientNet's pooler does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).mean((2, 3))
+        return self.fc(y.reshape(x.shape[0], -1))
+
+
+class PinnedBatch(BatchReshape):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)).reshape(1, -1))
+
+
+def test_capture_batch_is_dynamic_by_default() -> None:
+    captured = ir.capture(BatchReshape(), (torch.randn(1, 3, 8, 8),))
+    assert captured.dynamic["batch"] and captured.dynamic["fallback"] is None
+    assert ir.dynamic_dims(captured.graph_module) == ((0,),)
+    assert captured.graph_module(torch.randn(16, 3, 8, 8)).shape == (16, 2)
+
+
+def test_capture_falls_back_to_static_and_says_why() -> None:
+    captured = ir.capture(PinnedBatch(), (torch.randn(1, 3, 8, 8),))
+    assert not captured.dynamic["batch"]
+    assert "batch not dynamic" in captured.dynamic["fallback"]
+    assert ir.dynamic_dims(captured.graph_module) == ((),)
+    assert captured.graph_module(torch.randn(1, 3, 8, 8)).shape == (1, 2)
+
+
+def test_capture_static_when_asked() -> None:
+    captured = ir.capture(BatchReshape(), (torch.randn(2, 3, 8, 8),), dynamic=False)
+    assert ir.dynamic_dims(captured.graph_module) == ((),)
