@@ -93,7 +93,9 @@ def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFA
 
     Args:
         model: a trained ``nn.Module`` (a private eval-mode copy is captured with ``torch.export``).
-        example_inputs: a tensor or tuple of tensors at deployment shapes.
+        example_inputs: a tensor, a tuple of tensors, a dict of keyword arguments (``model(**batch)``) or an
+            ``(args, kwargs)`` pair, at deployment shapes. The batch dimension (and the sequence dimension of
+            integer token inputs) is captured dynamic where the model allows it (``report["capture"]``).
         passes: pass names, ``"name:key=value,..."`` specs, or ``(name, config)`` tuples
             (default :data:`DEFAULT_PASSES`; :data:`EXACT_PASSES` adds ``fuse_qkv``).
         verify: check every exact pass numerically, and the whole pipeline against the original.
@@ -101,8 +103,10 @@ def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFA
         random_inputs: random input sets used for verification besides the example inputs.
         dump_dir: write each pass's graph code before and after there.
         progress: show progress bars (passes, table building, training).
-        data: calibration/training data for passes that measure accuracy or fine-tune (``layermerge``):
-            a ``TensorDataset`` of ``(inputs[, labels])``, a tensor of inputs, or an ``(x, y)`` tuple.
+        data: calibration/training data for passes that measure accuracy or fine-tune (``layermerge``,
+            ``recover``), in any form :func:`depthfold.data.read_samples` reads: a tensor, ``(x, y)``, a
+            ``Dataset``, a ``DataLoader``, or any iterable of batches (tuples, or dicts such as tokenized batches
+            with ``input_ids``, ``attention_mask``, ``labels``). Only the samples a pass needs are read.
         backend, device, threads, backend_options: where latency-driven passes measure (the deployment
             target): ``"onnxruntime"`` or ``"tvm"`` (options such as ``target``, ``remote``), ``"cpu"`` or
             ``"cuda"``.
@@ -140,6 +144,7 @@ def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFA
     report = new_report(
         captured.model_name, inputs, [r.to_dict() for r in pipeline.records],
         ir.graph_stats(original, inputs), ir.graph_stats(pipeline.graph_module, inputs), verification)
+    report["capture"] = {"input_names": list(captured.input_names), **captured.dynamic}
     return OptimizeResult(pipeline.graph_module, original, inputs, pipeline.records, report)
 
 

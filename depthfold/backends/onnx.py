@@ -16,6 +16,7 @@ import io
 import logging
 import re
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import onnx
 import torch
 from torch import nn
 
+from .. import ir
 from .._atomic import atomic_write
 from ..errors import ArtifactError, ConfigError, VerificationError
 from ..ir import flatten_outputs
@@ -188,15 +190,23 @@ def to_onnx_model(
     *,
     opset: int | None = None,
     optimize: bool = True,
+    dynamic: bool = False,
 ) -> onnx.ModelProto:
     """Export ``module`` to an in-memory ONNX model with weights inside and check it.
 
+    A captured graph (``GraphModule``) is exported once per content: the result is kept, keyed by the graph's
+    digest (code and weights), the inputs' shapes and dtypes and the options, and later calls with an equal
+    graph get a copy of it without exporting again.
+
     Args:
         module: Any ``nn.Module``; in practice ``torch.export.export(model, args).module()``. Not modified.
-        example_inputs: Positional inputs; their shapes and dtypes become the model's (static) input types.
+        example_inputs: Positional inputs; their shapes and dtypes become the model's input types.
         opset: Default-domain opset to target; None: the exporter's recommended one.
         optimize: Run the exporter's onnxscript optimizer (constant folding, BN-into-Conv, shape-op cleanup).
             Keep it on for deployment; turn it off to see a pass's effect that the optimizer would duplicate.
+        dynamic: Keep the dimensions a captured graph has dynamic as symbolic ONNX axes (``batch_size``, and
+            ``sequence_length`` for token inputs); off, every axis has the example's size (what latency
+            measurements time).
 
     Returns:
         A ``ModelProto`` that passed ``onnx.checker.check_model(full_check=True)``.
@@ -209,6 +219,52 @@ def to_onnx_model(
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 1):
         raise ConfigError(f"opset must be a positive integer or None, got {opset!r}")
     args = _as_tuple(example_inputs)
+    dims = ir.dynamic_dims(module) if dynamic and isinstance(module, torch.fx.GraphModule) else ()
+    key = _cache_key(module, args, opset, optimize, dims)
+    if key is not None and key in _EXPORTS:
+        _EXPORTS.move_to_end(key)
+        logger.debug("ONNX export of %s reused (same graph digest)", type(module).__name__)
+        return onnx.load_model_from_string(_EXPORTS[key])
+    model = _export(module, args, opset, optimize, dims)
+    if key is not None:
+        _remember(key, model.SerializeToString())
+    return model
+
+
+_EXPORTS: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+"""Serialised exports of captured graphs, most recently used last."""
+_EXPORTS_MAX_BYTES = 1 << 30
+
+
+def _cache_key(module: nn.Module, args: tuple[Any, ...], opset: int | None, optimize: bool,
+               dims: tuple[tuple[int, ...], ...]) -> tuple[Any, ...] | None:
+    """What an export of a captured graph depends on; None for other modules (their code has no digest)."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return None
+    specs = tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, (torch.Tensor, np.ndarray)) else repr(a)
+                  for a in args)
+    return (ir.digest_graph(module), specs, opset, optimize, dims)
+
+
+def _remember(key: tuple[Any, ...], data: bytes) -> None:
+    if len(data) > _EXPORTS_MAX_BYTES:
+        return
+    _EXPORTS[key] = data
+    while sum(len(v) for v in _EXPORTS.values()) > _EXPORTS_MAX_BYTES:
+        _EXPORTS.popitem(last=False)
+
+
+def _dynamic_shapes(args: tuple[Any, ...], dims: tuple[tuple[int, ...], ...]) -> tuple[dict[int, Any], ...] | None:
+    """Named export dims for the dynamic axes: dim 0 ``batch_size``, others ``sequence_length``."""
+    if not any(dims):
+        return None
+    batch = torch.export.Dim("batch_size", min=1)
+    seq = torch.export.Dim("sequence_length", min=1)
+    return tuple({d: batch if d == 0 else seq for d in (dims[i] if i < len(dims) else ())} for i in range(len(args)))
+
+
+def _export(module: nn.Module, args: tuple[Any, ...], opset: int | None, optimize: bool,
+            dims: tuple[tuple[int, ...], ...]) -> onnx.ModelProto:
     if not isinstance(module, torch.fx.GraphModule) and module.training and any(
             isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
             for m in module.modules()):
@@ -216,8 +272,7 @@ def to_onnx_model(
                        "behaviour; call .eval() first for inference", type(module).__name__)
     with _quiet_exporter() as capture:
         try:
-            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, optimize=optimize,
-                                        external_data=False)
+            program = _run_exporter(module, args, opset, optimize, _dynamic_shapes(args, dims))
         except Exception as err:
             raise ArtifactError(
                 f"ONNX export of {type(module).__name__} failed{_describe_export_failure(err)}. "
@@ -244,6 +299,20 @@ def to_onnx_model(
     logger.debug("exported %s to ONNX opset %d: %d nodes, %d initializer bytes", type(module).__name__, got,
                  len(model.graph.node), size)
     return model
+
+
+def _run_exporter(module: nn.Module, args: tuple[Any, ...], opset: int | None, optimize: bool,
+                  dynamic_shapes: Any) -> Any:
+    """``torch.onnx.export``; with dynamic axes first, and with static ones if the exporter cannot keep them."""
+    if dynamic_shapes is not None:
+        try:
+            return torch.onnx.export(module, args, dynamo=True, opset_version=opset, optimize=optimize,
+                                     external_data=False, dynamic_shapes=dynamic_shapes)
+        except Exception as err:  # the graph pins a size the capture left symbolic: export the example's shapes
+            logger.warning("ONNX export with dynamic axes failed (%s: %s); exporting static shapes",
+                           type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "")
+    return torch.onnx.export(module, args, dynamo=True, opset_version=opset, optimize=optimize,
+                             external_data=False)
 
 
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -293,6 +362,7 @@ def export_onnx(
     verify: bool = True,
     rtol: float = 1e-4,
     optimize: bool = True,
+    dynamic: bool = True,
 ) -> OnnxArtifact:
     """Export ``module`` to an ONNX file at ``path``, checked and (by default) verified in ONNX Runtime.
 
@@ -304,6 +374,7 @@ def export_onnx(
         verify: Run the written file in ONNX Runtime (CPU) and compare with ``module(*example_inputs)``.
         rtol: Largest accepted ``max_abs / max(1, max|ref|)`` per output.
         optimize: Run the exporter's optimizer (see :func:`to_onnx_model`).
+        dynamic: Keep a captured graph's dynamic batch (and sequence) axes in the file (see :func:`to_onnx_model`).
 
     Returns:
         The OnnxArtifact with names, opset and the measured error (None when ``verify=False``).
@@ -320,7 +391,7 @@ def export_onnx(
         raise ArtifactError(f"{str(target)!r} is a directory; pass a file path such as "
                             f"{str(target / 'model.onnx')!r}")
     args = _as_tuple(example_inputs)
-    model = to_onnx_model(module, args, opset=opset, optimize=optimize)
+    model = to_onnx_model(module, args, opset=opset, optimize=optimize, dynamic=dynamic)
     input_names = tuple(i.name for i in model.graph.input)
     output_names = tuple(o.name for o in model.graph.output)
     errors: list[tuple[float, float]] = []

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from . import ops
-from .capture import CapturedModel, capture, describe_inputs, dynamic_dims, normalize_inputs, split_inputs
+from .capture import (
+    CapturedModel,
+    capture,
+    describe_inputs,
+    dynamic_dims,
+    input_names,
+    normalize_inputs,
+    split_inputs,
+)
+from .digest import digest_graph, digest_tensors
 from .graph import (
     META_DTYPE,
     META_FROM,
@@ -49,7 +58,7 @@ from .view import (
 __all__ = [
     "CapturedModel", "ErrorStats", "META_DTYPE", "META_FROM", "META_MODULE_PATH", "META_MODULE_TYPE",
     "META_SHAPE", "RepeatedBlocks", "ResidualBlock", "TOLERANCE", "annotate", "attention_sites",
-    "capture", "check_equivalent", "clone", "compare_outputs", "compute_nodes", "describe_inputs", "dynamic_dims",
+    "capture", "check_equivalent", "clone", "compare_outputs", "compute_nodes", "describe_inputs", "digest_graph", "digest_tensors", "dynamic_dims", "input_names",
     "split_inputs",
     "flatten_outputs", "get_param", "graph_stats", "is_shared", "ownership_problem", "set_param", "immediate_dominators", "linear_chains",
     "locate_divergence", "module_path", "new_param", "normalize_inputs", "op_histogram", "ops",

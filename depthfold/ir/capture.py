@@ -24,7 +24,7 @@ from torch.fx import GraphModule
 from ..errors import CaptureError, ConfigError, suggest
 from .graph import META_MODULE_PATH, META_MODULE_TYPE, annotate
 
-__all__ = ["CapturedModel", "capture", "describe_inputs", "dynamic_dims", "normalize_inputs", "split_inputs"]
+__all__ = ["CapturedModel", "capture", "describe_inputs", "dynamic_dims", "input_names", "normalize_inputs", "split_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +156,14 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True,
         else:
             node.meta.setdefault(META_MODULE_PATH, "")
     annotate(gm, inputs)
-    input_names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
-    report["dims"] = {n: list(d) for n, d in zip(input_names, dynamic_dims(gm)) if d}
-    return CapturedModel(gm, tuple(t.detach().clone() for t in inputs), name, input_names, report)
+    names = input_names(gm)
+    report["dims"] = {n: list(d) for n, d in zip(names, dynamic_dims(gm)) if d}
+    return CapturedModel(gm, tuple(t.detach().clone() for t in inputs), name, names, report)
+
+
+def input_names(gm: GraphModule) -> tuple[str, ...]:
+    """The graph's input (placeholder) names, in the order it takes them."""
+    return tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
 
 
 def dynamic_dims(gm: GraphModule) -> tuple[tuple[int, ...], ...]:

@@ -53,7 +53,9 @@ class PassContext:
 
     example_inputs: tuple[Any, ...] = ()
     data: Any = None
-    """Calibration/training data: a TensorDataset of (inputs[, labels]), a tensor, or an (x, y) tuple."""
+    """Calibration/training data in any form :func:`depthfold.data.read_samples` reads."""
+    original: GraphModule | None = None
+    """The pipeline's input graph (the teacher of ``recover``); the manager fills it in."""
     latency_probe: Any = None
     """A :class:`depthfold.backends.LatencyProbe` (``measure(model, inputs)``, ``fingerprint()``)."""
     executor: Any = None

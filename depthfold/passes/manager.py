@@ -88,6 +88,7 @@ class PassManager:
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.progress = progress
         self.context = context
+        self._original: GraphModule | None = None
         self._check_order()
 
     def _check_order(self) -> None:
@@ -102,6 +103,7 @@ class PassManager:
     def run(self, gm: GraphModule, example_inputs: Sequence[torch.Tensor]) -> PipelineResult:
         """Run the pipeline on ``gm`` (which is not modified) and return the final graph and records."""
         inputs = tuple(example_inputs)
+        self._original = gm
         check_inputs = [inputs, *ir.random_inputs_like(inputs, self.random_inputs, seed=0)]
         current = gm
         state = _GraphState(ir.graph_stats(gm, inputs), None)
@@ -137,6 +139,8 @@ class PassManager:
                 context = self.context or PassContext()
                 if not context.example_inputs:
                     context = dataclasses.replace(context, example_inputs=inputs)
+                if context.original is None:
+                    context = dataclasses.replace(context, original=self._original)
                 result = spec.info.fn(gm, spec.config, context)
             else:
                 result = spec.info.fn(gm, spec.config)

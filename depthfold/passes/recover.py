@@ -10,8 +10,9 @@ optimised with AdamW and a cosine learning-rate decay to zero. Source: the recov
 "LayerMerge: Neural Network Depth Compression through Layer Pruning and Merging" (Kim et al.,
 ICML 2024, arXiv:2406.12837), with knowledge distillation as in Hinton et al. 2015.
 
-Not a registered graph pass: it trains ``student`` in place (the caller's compressed copy) and
-returns a :class:`RecoverReport`.
+:func:`recover` trains a given ``student`` in place and returns a :class:`RecoverReport`; the registered
+approximate pass ``recover`` (``"recover:steps=200,lr=1e-4"``) does the same to a copy of the pipeline's
+current graph, with the pipeline's original (kept by the pass manager) as the teacher.
 """
 
 from __future__ import annotations
@@ -31,10 +32,15 @@ from torch.fx import Graph, GraphModule
 from torch.utils.data import TensorDataset
 
 from .. import ir
+from ..data import ACCEPTED_FORMS, Samples, read_samples
 from ..errors import ConfigError, suggest
 from ..ir import ops
+from .base import Change, Exactness, PassContext, PassResult
+from .common.calibration import calibration_split
+from .common.metrics import batched_outputs, evaluate, logits_of
+from .registry import register_pass
 
-__all__ = ["RecoverReport", "recalibrate_batch_norm", "recover"]
+__all__ = ["RecoverConfig", "RecoverReport", "recalibrate_batch_norm", "recover"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,7 @@ def recover(
     eval_batches: int = 2,
     seed: int = 0,
     progress: bool = False,
+    example_inputs: Sequence[torch.Tensor] | None = None,
 ) -> RecoverReport:
     """Fine-tune ``student`` in place to reproduce ``teacher`` by knowledge distillation (LayerMerge recovery).
 
@@ -86,7 +93,8 @@ def recover(
         student: the compressed network (a GraphModule from :func:`depthfold.ir.capture` or any
             ``nn.Module``); its trainable parameters are updated in place.
         teacher: the original network; run under ``torch.no_grad`` in eval mode, never modified.
-        data: a ``TensorDataset`` of ``(x,)`` or ``(x, y)``, a tensor ``x``, or a tuple ``(x, y)``.
+        data: any form :func:`depthfold.data.read_samples` reads (a tensor, ``(x, y)``, a Dataset, a
+            DataLoader, an iterable of tuple or dict batches) or :class:`depthfold.data.Samples`.
             Minibatches of ``batch_size`` are drawn from seeded random permutations, one per epoch.
         steps, lr, weight_decay: AdamW steps, peak learning rate (cosine decay to 0) and weight decay.
         temperature: distillation temperature ``T`` (the KL term is scaled by ``T**2``).
@@ -99,6 +107,8 @@ def recover(
             yourself. 0 skips the measurement (NaN in the report).
         seed: seeds the minibatch order.
         progress: show a tqdm progress bar.
+        example_inputs: the model's inputs that ``data`` must match; default: the student graph's captured
+            input shapes, or for other modules the first sample of ``data`` (a single-input model).
 
     Raises:
         ConfigError: a bad option, empty or malformed ``data``, inputs the student rejects, labels
@@ -107,7 +117,8 @@ def recover(
     """
     _check_options(steps, lr, batch_size, temperature, label_weight, feature_weight, weight_decay,
                    eval_batches, features)
-    x, y = _split_data(data)
+    samples = _samples(student, data, example_inputs)
+    y = samples.labels
     if label_weight > 0 and y is None:
         raise ConfigError(f"label_weight={label_weight} needs labels, but data holds inputs only; pass "
                           "TensorDataset(x, y) or (x, y), or set label_weight=0")
@@ -117,10 +128,10 @@ def recover(
     use_features = feature_weight > 0
     student_run = _Runner(student, [s for s, _ in features], "student")
     teacher_run = _Runner(teacher, [t for _, t in features], "teacher")
-    n = x.shape[0]
+    n = len(samples)
     bs = min(batch_size, n)
     n_eval = min(eval_batches, n // bs)
-    eval_set = [(x[i * bs:(i + 1) * bs], None if y is None else y[i * bs:(i + 1) * bs]) for i in range(n_eval)]
+    eval_set = [samples.select(slice(i * bs, (i + 1) * bs)) for i in range(n_eval)]
 
     start = time.perf_counter()
     student_was_training, teacher_was_training = student.training, teacher.training
@@ -129,7 +140,7 @@ def recover(
     try:
         with student_run, teacher_run:
             student.eval()
-            _probe(student_run, teacher_run, x[:bs], use_features, features)
+            _probe(student_run, teacher_run, samples.select(slice(0, bs)).inputs, use_features, features)
             kl_before = _mean_kl(student_run, teacher_run, eval_set)
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
@@ -137,10 +148,8 @@ def recover(
             student.train()
             with _progress_bar(steps, progress) as bar:
                 for step in range(steps):
-                    idx = next(batches)
-                    xb = x[idx]
-                    yb = None if y is None else y[idx]
-                    loss = _loss(student_run, teacher_run, xb, yb, temperature, label_weight,
+                    batch = samples.select(next(batches))
+                    loss = _loss(student_run, teacher_run, batch.inputs, batch.labels, temperature, label_weight,
                                  feature_weight if use_features else 0.0)
                     losses.append(float(loss.detach()))
                     if not math.isfinite(losses[-1]):
@@ -172,9 +181,10 @@ def recover(
     return report
 
 
-def recalibrate_batch_norm(model: GraphModule, x: torch.Tensor, *, batch_size: int = 64) -> int:
+def recalibrate_batch_norm(model: GraphModule, x: torch.Tensor | Samples, *, batch_size: int = 64) -> int:
     """Re-estimate the running mean and variance of every inference batch norm of ``model`` on inputs ``x``
-    (in place); returns how many were updated.
+    (a tensor for a single-input model, or :class:`~depthfold.data.Samples`) in place; returns how many were
+    updated.
 
     Removing activations and convs changes what the batch norms after them see, so their stored statistics
     no longer normalise; re-estimating them on a few hundred inputs recovers much of the accuracy before any
@@ -214,8 +224,9 @@ def recalibrate_batch_norm(model: GraphModule, x: torch.Tensor, *, batch_size: i
     interpreter = Recalibrating(model)
     device = _device_of(model)
     with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            interpreter.run(x[i:i + batch_size].to(device))
+        samples = x if isinstance(x, Samples) else Samples((x,), None, ("x",))
+        for batch in samples.batches(batch_size):
+            interpreter.run(*(t.to(device) for t in batch))
         for name, node in norms.items():
             total, squares, count = stats[name]
             mean = total / count
@@ -253,28 +264,47 @@ def _check_options(steps: int, lr: float, batch_size: int, temperature: float, l
         raise ConfigError(f"feature_weight={feature_weight} needs features=[(student_name, teacher_name), ...]")
 
 
-def _split_data(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Return ``(x, y or None)`` from a TensorDataset, a tensor or an ``(x, y)`` tuple."""
-    accepted = "a TensorDataset of (x,) or (x, y), a tensor x, or a tuple (x, y) of tensors"
+def _samples(student: nn.Module, data: Any, example_inputs: Sequence[torch.Tensor] | None) -> Samples:
+    """``data`` read as samples matching the student's inputs (its capture shapes when it is a graph)."""
+    if isinstance(data, Samples):
+        return data
+    names: tuple[str, ...] = ()
+    free: tuple[tuple[int, ...], ...] = ()
+    if example_inputs is None and isinstance(student, GraphModule):
+        example_inputs = _graph_examples(student)
+        if example_inputs is not None:
+            names = ir.input_names(student)
+            free = tuple(tuple(d for d in dims if d) for dims in ir.dynamic_dims(student))
+    if example_inputs is None:
+        first = _first_input(data)
+        example_inputs = (first,) if first is not None else None
+    if example_inputs is None:
+        raise ConfigError(f"recovery data must be {ACCEPTED_FORMS}; got {type(data).__name__} (for batches of a "
+                          "module that is not a captured graph, pass example_inputs=(...) too)")
+    return read_samples(data, tuple(example_inputs), names=names, free_dims=free, what="recovery data")
+
+
+def _graph_examples(gm: GraphModule) -> tuple[torch.Tensor, ...] | None:
+    """Zero tensors with the graph's captured input shapes and dtypes (None if they are not recorded)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            shape, dtype = node.meta.get(ir.META_SHAPE), node.meta.get(ir.META_DTYPE)
+            if shape is None or not isinstance(dtype, str):
+                return None
+            out.append(torch.zeros(tuple(shape), dtype=getattr(torch, dtype.removeprefix("torch."))))
+    return tuple(out) or None
+
+
+def _first_input(data: Any) -> torch.Tensor | None:
+    """The first sample of single-input ``data`` (a tensor, an ``(x, y)`` tuple or a TensorDataset)."""
     if isinstance(data, TensorDataset):
-        tensors = tuple(data.tensors)
-    elif isinstance(data, torch.Tensor):
-        tensors = (data,)
-    elif isinstance(data, (tuple, list)):
-        tensors = tuple(data)
-    else:
-        raise ConfigError(f"data must be {accepted}; got {type(data).__name__}")
-    if not 1 <= len(tensors) <= 2 or not all(isinstance(t, torch.Tensor) for t in tensors):
-        kinds = ", ".join(type(t).__name__ for t in tensors)
-        raise ConfigError(f"data must be {accepted}; got {len(tensors)} items ({kinds})")
-    x = tensors[0]
-    y = tensors[1] if len(tensors) == 2 else None
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ConfigError(f"data is empty (inputs of shape {tuple(x.shape)}); pass at least one sample")
-    if y is not None and (y.dim() == 0 or y.shape[0] != x.shape[0]):
-        raise ConfigError(f"data has {x.shape[0]} inputs but labels of shape {tuple(y.shape)}; "
-                          "x and y need the same first (sample) dimension")
-    return x, y
+        data = data.tensors
+    if isinstance(data, torch.Tensor):
+        return data[:1] if data.dim() else None
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor) and data[0].dim():
+        return data[0][:1]
+    return None
 
 
 def _batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -294,21 +324,6 @@ def _device_of(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    """The logits of a model output: the tensor itself, ``.logits``, or the first tensor in a tuple/list."""
-    if isinstance(value, torch.Tensor):
-        return value
-    logits = value.get("logits") if isinstance(value, dict) else getattr(value, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
-    for item in items:
-        found = _first_tensor(item)
-        if found is not None:
-            return found
-    return None
 
 
 class _Runner:
@@ -358,21 +373,21 @@ class _Runner:
 
         return record
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = x.to(self.device)
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        inputs = [t.to(self.device) for t in inputs]
         if self._tapped is not None:
-            out, values = self._tapped(x)
+            out, values = self._tapped(*inputs)
         else:
             self._captured.clear()
-            out = self.model(x)
+            out = self.model(*inputs)
             values = [self._captured.get(name) for name in self.names]
-        logits = _first_tensor(out)
+        logits = logits_of(out)
         if logits is None:
             raise ConfigError(f"{self.role} returned {type(out).__name__} with no tensor in it; "
                               "recover needs the model to return logits (a tensor or a tuple starting with one)")
         feats = []
         for name, value in zip(self.names, values):
-            tensor = _first_tensor(value)
+            tensor = logits_of(value)
             if tensor is None:
                 raise ConfigError(f"{self.role} feature {name!r} produced {type(value).__name__}, not a tensor"
                                   " (a submodule that never ran, or a non-tensor node); pick another name")
@@ -422,15 +437,15 @@ def _expected_inputs(model: nn.Module) -> str:
     return ""
 
 
-def _probe(student: _Runner, teacher: _Runner, x: torch.Tensor, use_features: bool,
+def _probe(student: _Runner, teacher: _Runner, inputs: Sequence[torch.Tensor], use_features: bool,
            features: Sequence[tuple[str, str]]) -> None:
     """One no-grad forward of both models, turning the usual mistakes into ConfigErrors."""
-    given = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+    given = ir.describe_inputs(inputs)
     with torch.no_grad():
         outputs = []
         for runner in (student, teacher):
             try:
-                outputs.append(runner(x))
+                outputs.append(runner(inputs))
             except ConfigError:
                 raise
             except Exception as err:
@@ -459,11 +474,11 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature:
     return F.kl_div(s, t.to(s.device), reduction="batchmean", log_target=True) * temperature**2
 
 
-def _loss(student: _Runner, teacher: _Runner, x: torch.Tensor, y: torch.Tensor | None, temperature: float,
-          label_weight: float, feature_weight: float) -> torch.Tensor:
+def _loss(student: _Runner, teacher: _Runner, inputs: Sequence[torch.Tensor], y: torch.Tensor | None,
+          temperature: float, label_weight: float, feature_weight: float) -> torch.Tensor:
     with torch.no_grad():
-        t_logits, t_feats = teacher(x)
-    s_logits, s_feats = student(x)
+        t_logits, t_feats = teacher(inputs)
+    s_logits, s_feats = student(inputs)
     loss = _kl(s_logits, t_logits, temperature)
     if label_weight > 0 and y is not None:
         classes = s_logits.shape[-1]
@@ -475,11 +490,11 @@ def _loss(student: _Runner, teacher: _Runner, x: torch.Tensor, y: torch.Tensor |
     return loss
 
 
-def _mean_kl(student: _Runner, teacher: _Runner, batches: list[tuple[torch.Tensor, Any]]) -> float:
+def _mean_kl(student: _Runner, teacher: _Runner, batches: list[Samples]) -> float:
     if not batches:
         return math.nan
     with torch.no_grad():
-        values = [float(_kl(student(x)[0], teacher(x)[0], 1.0)) for x, _ in batches]
+        values = [float(_kl(student(b.inputs)[0], teacher(b.inputs)[0], 1.0)) for b in batches]
     return sum(values) / len(values)
 
 
@@ -492,3 +507,73 @@ def _progress_bar(total: int, enabled: bool) -> Iterator[Any]:
         yield bar
     finally:
         bar.close()
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """Options of the ``recover`` pass (see :func:`recover` for the loss)."""
+
+    steps: int = 200
+    """Distillation steps (AdamW, cosine decay to 0)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    batch_size: int = 64
+    temperature: float = 1.0
+    label_weight: float = 0.5
+    """Weight of the cross-entropy on the data's labels, when it has labels (KL to the original always)."""
+    train_samples: int = 2048
+    """Samples of the data read for training."""
+    eval_samples: int = 128
+    """Held-out samples the report's metrics are measured on (not trained on)."""
+    recalibrate_bn: bool = True
+    """Re-estimate batch-norm statistics on the training samples before training (AdaBN)."""
+    metrics: tuple[str, ...] = ("kl", "accuracy")
+    """Metrics of the report, before and after (names in ``depthfold.passes.common.METRICS``)."""
+
+    def __post_init__(self) -> None:
+        _check_options(self.steps, self.lr, self.batch_size, self.temperature, self.label_weight, 0.0, 0.0, 0, ())
+        for name in ("train_samples", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"recover {name} must be >= 1, got {getattr(self, name)}")
+        from .common.metrics import METRICS
+
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ConfigError(f"recover: unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}"
+                              f"{suggest(unknown[0], METRICS)}")
+
+
+@register_pass("recover", exactness=Exactness.APPROXIMATE, config=RecoverConfig, uses_context=True)
+def recover_pass(gm: GraphModule, config: RecoverConfig, context: PassContext) -> PassResult:
+    """Distil the pipeline's original into a copy of the current graph on the data (knowledge distillation)."""
+    teacher = context.original
+    if teacher is None:
+        raise ConfigError("recover distils from the pipeline's original, which this pass manager was not given; "
+                          "run it through depthfold.optimize or PassManager.run")
+    if context.data is None:
+        raise ConfigError("recover trains on data: pass data=... (a DataLoader, a Dataset, tensors or batches) "
+                          "to optimize()")
+    inputs = tuple(context.example_inputs)
+    free = tuple(tuple(d for d in dims if d) for dims in ir.dynamic_dims(gm))
+    calib = calibration_split(context.data, inputs, names=ir.input_names(gm), free_dims=free,
+                              eval_samples=config.eval_samples, train_samples=config.train_samples,
+                              batch_size=config.batch_size, seed=context.seed)
+    student = ir.to_module(gm)
+    teacher_out = batched_outputs(teacher, calib.held_out, calib.batch_size)
+    before = evaluate(teacher_out, batched_outputs(student, calib.held_out, calib.batch_size), calib.held_out,
+                      config.metrics)
+    recalibrated = recalibrate_batch_norm(student, calib.train, batch_size=calib.batch_size) \
+        if config.recalibrate_bn else 0
+    labelled = calib.train.labels is not None and config.label_weight > 0
+    report = recover(student, teacher, calib.train, steps=config.steps, lr=config.lr, batch_size=calib.batch_size,
+                     temperature=config.temperature, label_weight=config.label_weight if labelled else 0.0,
+                     seed=context.seed, progress=context.progress)
+    after = evaluate(teacher_out, batched_outputs(student, calib.held_out, calib.batch_size), calib.held_out,
+                     config.metrics)
+    original = evaluate(teacher_out, teacher_out, calib.held_out, config.metrics)
+    detail = {"steps": config.steps, "batch_norms_recalibrated": recalibrated, "before": before, "after": after}
+    return PassResult(student, [Change("recover", (), (), detail)], report={
+        "recovery": report.to_dict(), "metrics": {"original": original, "before": before, "after": after},
+        "batch_norms_recalibrated": recalibrated, "samples": {"train": len(calib.train),
+                                                              "held_out": len(calib.held_out)},
+        "data": calib.train.source, "synthetic_data": calib.synthetic})

@@ -168,4 +168,4 @@ def _parse_value(raw: str, hint: Any, where: str) -> Any:
 
 def _load_builtin_passes() -> None:
     # Importing the package registers every built-in pass (each module decorates its function).
-    from . import fold_bn, fuse_qkv, layermerge, merge_linear_chains  # noqa: F401
+    from . import fold_bn, fuse_qkv, layermerge, merge_linear_chains, recover  # noqa: F401

@@ -185,3 +185,73 @@ def test_to_onnx_model_uncapturable_model_says_so_quietly(capfd) -> None:
         to_onnx_model(DataDependent(), (torch.randn(3),))
     out, err = capfd.readouterr()
     assert out == "" and err == ""  # torch.export prints the failing graph to stderr; it is logged instead
+
+
+class _Counter:
+    """Counts real exports (cache misses) by graph digest and options."""
+
+    def __init__(self, monkeypatch) -> None:
+        import depthfold.backends.onnx as onnx_backend
+        from depthfold import ir
+
+        self.calls: list[tuple[str, object]] = []
+        real = onnx_backend._export
+
+        def counting(module, args, opset, optimize, dims):
+            self.calls.append((ir.digest_graph(module), dims))
+            return real(module, args, opset, optimize, dims)
+
+        monkeypatch.setattr(onnx_backend, "_export", counting)
+        monkeypatch.setattr(onnx_backend, "_EXPORTS", type(onnx_backend._EXPORTS)())
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+def test_each_distinct_graph_is_exported_once_per_optimize(monkeypatch, tmp_path) -> None:
+    import depthfold
+
+    counter = _Counter(monkeypatch)
+    res = depthfold.optimize(_cnn(), (torch.randn(1, 3, 8, 8),), ["fold_bn"])
+    res.measure(rounds=2, warmup=1)
+    res.measure(rounds=2, warmup=1)
+    res.save(tmp_path)
+    assert len(counter.calls) == len(set(counter.calls)) == 3  # original, optimized (timing), saved artifact
+    digests = [d for d, _ in counter.calls]
+    assert len(set(digests)) == 2
+
+
+def test_a_changed_weight_is_a_new_export(monkeypatch) -> None:
+    from depthfold import ir
+
+    counter = _Counter(monkeypatch)
+    gm = ir.capture(_cnn(), (torch.randn(1, 3, 8, 8),)).graph_module
+    first = to_onnx_model(gm, (torch.randn(1, 3, 8, 8),))
+    again = to_onnx_model(gm, (torch.randn(1, 3, 8, 8),))
+    assert len(counter.calls) == 1 and again == first and again is not first
+    with torch.no_grad():
+        next(gm.parameters()).add_(1.0)
+    to_onnx_model(gm, (torch.randn(1, 3, 8, 8),))
+    to_onnx_model(gm, (torch.randn(2, 3, 8, 8),))  # another input shape
+    assert len(counter.calls) == 3
+
+
+def test_saved_artifact_keeps_the_dynamic_batch_axis(tmp_path) -> None:
+    from depthfold import ir
+
+    x = torch.randn(1, 3, 8, 8)
+    model = _cnn()
+    gm = ir.capture(model, (x,)).graph_module
+    art = export_onnx(gm, (x,), tmp_path / "m.onnx")
+    proto = onnx.load(str(art.path))
+    assert [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == \
+        ["batch_size", 3, 8, 8]
+    x5 = torch.randn(5, 3, 8, 8)
+    (got,) = run(create_session(art.path), (x5,))
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x5).numpy(), rtol=1e-4, atol=1e-5)
+    static = to_onnx_model(gm, (x,))  # what latency measurements time
+    assert [d.dim_value for d in static.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]

@@ -30,16 +30,18 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.graph import CodeGen
 
 from ...cache import cache_dir
+from ...data import Samples
 from ...errors import ConfigError
-from ...ir import flatten_outputs
+from ...ir import digest_graph, digest_tensors, flatten_outputs
+from ..common import metrics
+from ..common.calibration import Calibration
+from ..common.table_cache import entry_path, load_entry, store_entry
 from ..recover import recover
 from .apply import AppliedSegment, apply_plan, share_graph
 from .candidates import SegmentChoice
-from .table_cache import digest_graph, digest_tensors, entry_path, load_entry, store_entry
 from .trunk import Trunk
 
-__all__ = ["ESTIMATORS", "Calibration", "ImportanceTable", "accuracy", "batched_logits", "build_importance_table",
-           "calibration_split", "output_kl"]
+__all__ = ["ESTIMATORS", "ImportanceTable", "accuracy", "batched_logits", "build_importance_table", "output_kl"]
 
 Estimator = Literal["zero_shot", "local", "finetune"]
 ESTIMATORS: tuple[str, ...] = ("zero_shot", "local", "finetune")
@@ -47,75 +49,19 @@ _LOCAL_BATCH = 16
 """Samples per local training step: a segment is small, and many short steps fit it faster than few big ones."""
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """Calibration data split once: inputs to train candidates on, held-out inputs (and labels) to score."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor | None
-    eval_x: torch.Tensor
-    eval_y: torch.Tensor | None
-    synthetic: bool
-    batch_size: int
-
-
-def calibration_split(data: Any, example_inputs: Sequence[torch.Tensor], *, eval_samples: int = 256,
-                      train_samples: int = 512, batch_size: int = 64, seed: int = 0) -> Calibration:
-    """Split ``data`` (TensorDataset, tensor or ``(x, y)``) into train/held-out calibration sets.
-
-    Without data, standard-normal inputs shaped like the example input are used (and reported).
-    """
-    if len(example_inputs) != 1 or not isinstance(example_inputs[0], torch.Tensor):
-        raise ConfigError("layermerge compresses single-input CNNs: give one example image batch, e.g. "
-                          "(torch.randn(1, 3, 224, 224),)")
-    example = example_inputs[0]
-    generator = torch.Generator().manual_seed(seed)
-    if data is None:
-        n = eval_samples + min(train_samples, 256)
-        x = torch.randn((n, *example.shape[1:]), generator=generator, dtype=example.dtype)
-        y = None
-    else:
-        x, y = _tensors(data)
-        if tuple(x.shape[1:]) != tuple(example.shape[1:]):
-            raise ConfigError(f"calibration data has samples of shape {tuple(x.shape[1:])} but the model was "
-                              f"captured with inputs of shape {tuple(example.shape[1:])}; resize the data (or "
-                              "capture at the data's resolution)")
-        if len(x) < 2:
-            raise ConfigError(f"calibration data has {len(x)} sample(s); give at least a few hundred")
-    order = torch.randperm(len(x), generator=generator)
-    n_eval = min(eval_samples, max(1, len(x) // 3))
-    eval_idx, train_idx = order[:n_eval], order[n_eval:n_eval + train_samples]
-    return Calibration(x[train_idx], None if y is None else y[train_idx], x[eval_idx],
-                       None if y is None else y[eval_idx], data is None, min(batch_size, len(train_idx)) or 1)
-
-
-def _tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(data, torch.utils.data.TensorDataset):
-        tensors = data.tensors
-    elif isinstance(data, torch.Tensor):
-        tensors = (data,)
-    elif isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
-        tensors = tuple(data)
-    else:
-        raise ConfigError(f"calibration data must be a TensorDataset, a tensor of inputs or an (x, y) tuple of "
-                          f"tensors, got {type(data).__name__}")
-    x = tensors[0]
-    y = tensors[1] if len(tensors) > 1 else None
-    if y is not None and len(y) != len(x):
-        raise ConfigError(f"calibration data has {len(x)} inputs but {len(y)} labels")
-    return x.float(), y
-
-
 def batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([flatten_outputs(model(x[i:i + batch_size]))[0] for i in range(0, len(x), batch_size)])
+    """The model's logits on the single-input samples ``x``, ``batch_size`` at a time."""
+    return metrics.batched_outputs(model, Samples((x,), None, ("x",)), batch_size)
 
 
 def output_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
     """Mean KL(teacher || student) over samples (softmax over the last dimension)."""
-    t = F.log_softmax(teacher_logits.flatten(0, -2).double(), dim=-1)
-    s = F.log_softmax(student_logits.flatten(0, -2).double(), dim=-1)
-    return float(F.kl_div(s, t, log_target=True, reduction="batchmean"))
+    return metrics.kl_divergence(teacher_logits, student_logits, Samples((teacher_logits,), None, ("x",)))
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+    """Top-1 accuracy of ``logits`` against ``labels`` (None without labels)."""
+    return metrics.accuracy(logits, logits, Samples((logits,), labels, ("x",)))
 
 
 @dataclass
@@ -157,10 +103,10 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
 
     start = time.perf_counter()
     bs = calib.batch_size
-    teacher = batched_logits(gm, calib.eval_x, bs)
-    original_acc = accuracy(teacher, calib.eval_y)
+    teacher = batched_logits(gm, calib.held_out.inputs[0], bs)
+    original_acc = accuracy(teacher, calib.held_out.labels)
     root = cache_dir("layermerge", "importance")
-    common = {"model": digest_graph(gm), "calibration": digest_tensors(calib.train_x, calib.eval_x, calib.eval_y),
+    common = {"model": digest_graph(gm), "calibration": digest_tensors(calib.train.inputs[0], calib.held_out.inputs[0], calib.held_out.labels),
               "batch_size": bs, "estimator": estimator, "steps": steps, "lr": lr}
     keys = [json.dumps({**common, "choice": c.to_dict()}, sort_keys=True) for c in choices]
     results: dict[int, dict[str, Any]] = {}
@@ -175,21 +121,21 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
     if todo:
         features = _features_for(gm, trunk, [choices[i] for i in todo], calib) if estimator == "local" else {}
         suffix_inputs = _suffix_inputs(gm, trunk) if estimator != "finetune" else {}
-        cached = _original_values(gm, sorted(set().union(*suffix_inputs.values())), calib.eval_x, bs)
+        cached = _original_values(gm, sorted(set().union(*suffix_inputs.values())), calib.held_out.inputs[0], bs)
     for i in tqdm(todo, desc="importance", unit="cand", disable=not progress, leave=False):
         choice = choices[i]
         if estimator == "finetune":
             student, _ = apply_plan(gm, trunk, [choice])
-            recover(student, gm, calib.train_x, steps=steps, lr=lr, batch_size=bs, eval_batches=0)
+            recover(student, gm, calib.train.inputs[0], steps=steps, lr=lr, batch_size=bs, eval_batches=0)
             trained += 1
-            logits = batched_logits(student, calib.eval_x, bs)
+            logits = batched_logits(student, calib.held_out.inputs[0], bs)
         else:
             student, segments = apply_plan(gm, trunk, [choice], share_params=True)
             if estimator == "local" and segments:
                 _train_locally(student, segments[0], trunk, choice, features, steps, lr, min(bs, _LOCAL_BATCH))
                 trained += 1
-            logits = _suffix_logits(student, trunk.positions[choice.start].node, cached, calib.eval_x, bs)
-        results[i] = {"metric": -output_kl(teacher, logits), "accuracy": accuracy(logits, calib.eval_y)}
+            logits = _suffix_logits(student, trunk.positions[choice.start].node, cached, calib.held_out.inputs[0], bs)
+        results[i] = {"metric": -output_kl(teacher, logits), "accuracy": accuracy(logits, calib.held_out.labels)}
         if use_cache:
             store_entry(entry_path(root, keys[i]), keys[i], results[i])
     metric = [float(results[i]["metric"]) for i in range(len(choices))]
@@ -275,12 +221,6 @@ def _suffix_logits(student: GraphModule, start: str, cached: dict[str, torch.Ten
                           for i in range(0, len(x), batch_size)])
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
-    if labels is None or logits.dim() != 2:
-        return None
-    return float((logits.argmax(-1) == labels).float().mean())
-
-
 def _region(student: GraphModule, segment: AppliedSegment) -> tuple[GraphModule, list[str]]:
     """The segment's nodes as their own module (sharing ``student``'s tensors) and its input node names."""
     names = set(segment.nodes)
@@ -298,7 +238,7 @@ def _features_for(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice
             wanted.add(trunk.positions[choice.end].node)
             wanted.update(_outside_inputs(gm, trunk, choice))
     order = [n.name for n in gm.graph.nodes if n.name in wanted]
-    return _original_values(gm, order, calib.train_x, calib.batch_size)
+    return _original_values(gm, order, calib.train.inputs[0], calib.batch_size)
 
 
 def _outside_inputs(gm: GraphModule, trunk: Trunk, choice: SegmentChoice) -> list[str]:

@@ -26,9 +26,9 @@ from torch.fx import GraphModule
 
 from ...cache import cache_dir
 from ...errors import ConfigError
+from ..common.jobs import run_jobs
+from ..common.table_cache import entry_path, load_entry, store_entry
 from .candidates import SegmentChoice
-from .jobs import run_jobs
-from .table_cache import entry_path, load_entry, store_entry
 from .trunk import Act, Join, Layer, Trunk
 
 __all__ = ["LatencyTable", "LayerSpec", "build_latency_table", "choice_spec", "measure_spec"]

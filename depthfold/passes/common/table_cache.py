@@ -13,12 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.fx import GraphModule
-
 from ..._atomic import atomic_write
 
-__all__ = ["digest_graph", "digest_tensors", "entry_path", "load_entry", "store_entry"]
+__all__ = ["entry_path", "load_entry", "store_entry"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +42,7 @@ def load_entry(path: Path, key: str) -> dict[str, Any] | None | bool:
         ok = False
     if ok:
         return entry["result"]
-    logger.warning("layermerge: table cache entry %s is corrupted or stale; recomputing it", path.name)
+    logger.warning("table cache entry %s is corrupted or stale; recomputing it", path.name)
     path.unlink(missing_ok=True)
     return False
 
@@ -53,21 +50,3 @@ def load_entry(path: Path, key: str) -> dict[str, Any] | None | bool:
 def store_entry(path: Path, key: str, result: dict[str, Any]) -> None:
     entry = {"format": _FORMAT, "key": key, "result": result, "checksum": _checksum(key, result)}
     atomic_write(path, lambda p: p.write_text(json.dumps(entry)))
-
-
-def digest_tensors(*tensors: torch.Tensor | None) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        if t is not None:
-            h.update(str((tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def digest_graph(gm: GraphModule) -> str:
-    """The graph's code and every parameter and buffer: two graphs with equal digests compute the same."""
-    h = hashlib.sha256(gm.code.encode())
-    for name, value in sorted(gm.state_dict().items()):
-        h.update(name.encode())
-        h.update(digest_tensors(value).encode())
-    return h.hexdigest()

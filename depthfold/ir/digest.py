@@ -1,0 +1,29 @@
+"""Content digests of graphs and tensors: the keys of every cache (tables, ONNX exports)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch.fx import GraphModule
+
+__all__ = ["digest_graph", "digest_tensors"]
+
+
+def digest_tensors(*tensors: torch.Tensor | None) -> str:
+    """A SHA-256 of the tensors' shapes, dtypes and values (``None`` entries are skipped)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(str((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def digest_graph(gm: GraphModule) -> str:
+    """The graph's code and every parameter and buffer: two graphs with equal digests compute the same."""
+    h = hashlib.sha256(gm.code.encode())
+    for name, value in sorted(gm.state_dict().items()):
+        h.update(name.encode())
+        h.update(digest_tensors(value).encode())
+    return h.hexdigest()

@@ -1,0 +1,16 @@
+"""Machinery every approximate pass shares: calibration data, task metrics, table caches and jobs.
+
+:mod:`.calibration` reads and splits the user's data; :mod:`.metrics` is the metric registry (accuracy, KL to
+the teacher, perplexity, embedding cosine); :mod:`.table_cache` stores table entries on disk keyed by
+content; :mod:`.jobs` runs independent table jobs serially, on a process pool, on Ray or on any executor.
+"""
+
+from __future__ import annotations
+
+from .calibration import Calibration, calibration_split
+from .jobs import RayExecutor, run_jobs
+from .metrics import METRICS, Metric, batched_outputs, evaluate, logits_of
+from .table_cache import entry_path, load_entry, store_entry
+
+__all__ = ["METRICS", "Calibration", "Metric", "RayExecutor", "batched_outputs", "calibration_split", "entry_path",
+           "evaluate", "load_entry", "logits_of", "run_jobs", "store_entry"]

@@ -1,0 +1,102 @@
+"""The shared machinery of approximate passes: calibration splits and the metric registry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from depthfold.data import Samples
+from depthfold.errors import ConfigError
+from depthfold.passes.common import METRICS, batched_outputs, calibration_split, evaluate
+
+X = torch.randn(60, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+Y = torch.arange(60) % 5
+EXAMPLE = (torch.zeros(1, 3, 4, 4),)
+
+
+def _split(data):
+    return calibration_split(data, EXAMPLE, names=("x",), eval_samples=10, train_samples=30, batch_size=8, seed=3)
+
+
+@pytest.mark.parametrize("form", ["dataset", "tuple", "loader", "batches"])
+def test_calibration_split_is_the_same_for_every_form_of_the_same_samples(form) -> None:
+    """A loader and a list of batches read in order; a TensorDataset of no more samples than needed keeps all."""
+    data = {"dataset": TensorDataset(X[:40], Y[:40]), "tuple": (X[:40], Y[:40]),
+            "loader": DataLoader(TensorDataset(X, Y), batch_size=7),
+            "batches": [(X[i:i + 8], Y[i:i + 8]) for i in range(0, 60, 8)]}[form]
+    calib = _split(data)
+    reference = _split((X[:40], Y[:40]))
+    assert len(calib.train) == 30 and len(calib.held_out) == 10 and calib.batch_size == 8
+    for a, b in ((calib.train, reference.train), (calib.held_out, reference.held_out)):
+        assert torch.equal(a.inputs[0], b.inputs[0]) and torch.equal(a.labels, b.labels)
+    train_rows = {tuple(r.flatten().tolist()) for r in calib.train.inputs[0]}
+    held_rows = {tuple(r.flatten().tolist()) for r in calib.held_out.inputs[0]}
+    assert not train_rows & held_rows, "held-out samples must not be trained on"
+
+
+def test_calibration_split_without_data_is_synthetic_and_seeded() -> None:
+    a, b = _split(None), _split(None)
+    assert a.synthetic and torch.equal(a.train.inputs[0], b.train.inputs[0])
+    assert a.train.inputs[0].shape[1:] == (3, 4, 4) and a.train.labels is None
+
+
+def test_calibration_split_refuses_a_single_sample() -> None:
+    with pytest.raises(ConfigError, match="1 sample"):
+        _split(X[:1])
+
+
+def _samples(labels=None, **inputs) -> Samples:
+    return Samples(tuple(inputs.values()), labels, tuple(inputs))
+
+
+def test_metric_accuracy_and_kl() -> None:
+    teacher = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
+    student = torch.tensor([[4.0, 0.0], [4.0, 0.0], [4.0, 0.0]])
+    s = _samples(torch.tensor([0, 1, 1]), x=torch.zeros(3, 1))
+    out = evaluate(teacher, student, s, ("accuracy", "kl"))
+    assert out["accuracy"] == pytest.approx(1 / 3)
+    assert evaluate(teacher, teacher, s, ("kl",))["kl"] == pytest.approx(0.0, abs=1e-12)
+    assert out["kl"] > 1.0
+    assert evaluate(teacher, student, _samples(x=torch.zeros(3, 1)), ("accuracy",))["accuracy"] is None
+
+
+def test_metric_perplexity_of_a_causal_lm_ignores_padding() -> None:
+    ids = torch.tensor([[1, 2, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    logits = torch.full((1, 4, 5), -30.0)
+    logits[0, 0, 2] = logits[0, 1, 3] = 30.0  # predicts the next token exactly where it counts
+    logits[0, 2, 4] = 30.0  # wrong about the padded position, which must be ignored
+    s = _samples(input_ids=ids, attention_mask=mask)
+    assert evaluate(logits, logits, s, ("perplexity",))["perplexity"] == pytest.approx(1.0, abs=1e-6)
+    uniform = torch.zeros(1, 4, 5)
+    assert METRICS["perplexity"].fn(uniform, uniform, s) == pytest.approx(5.0)
+    assert not METRICS["perplexity"].higher_is_better
+
+
+def test_metric_cosine_pools_token_outputs_over_the_mask() -> None:
+    hidden = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    other = hidden.clone()
+    other[0, 2] = 100.0  # a padded position: must not change the pooled embedding
+    s = _samples(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=mask)
+    assert evaluate(hidden, other, s, ("cosine",))["cosine"] == pytest.approx(1.0)
+    assert evaluate(hidden, -hidden, s, ("cosine",))["cosine"] == pytest.approx(-1.0)
+
+
+def test_unknown_metric_suggests_a_name() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'accuracy'"):
+        evaluate(torch.zeros(1, 2), torch.zeros(1, 2), _samples(x=torch.zeros(1, 1)), ("acuracy",))
+
+
+def test_batched_outputs_feeds_every_input_and_takes_logits() -> None:
+    class TwoIn(torch.nn.Module):
+        def forward(self, a, b):
+            return {"logits": a + b}
+
+    s = _samples(a=torch.arange(10.0).reshape(10, 1), b=torch.ones(10, 1))
+    out = batched_outputs(TwoIn(), s, batch_size=3)
+    assert torch.equal(out, torch.arange(10.0).reshape(10, 1) + 1)
+    assert not math.isnan(float(out.sum()))
