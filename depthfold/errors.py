@@ -14,6 +14,7 @@ __all__ = [
     "VerificationError",
     "BackendUnavailableError",
     "ArtifactError",
+    "InfeasibleBudgetError",
     "suggest",
 ]
 
@@ -48,6 +49,20 @@ class BackendUnavailableError(DepthfoldError):
 
 class ArtifactError(DepthfoldError):
     """An artifact could not be written, read or validated."""
+
+
+class InfeasibleBudgetError(DepthfoldError):
+    """No plan fits the budget; ``min_latency`` is the smallest achievable (true) latency.
+
+    Attributes:
+        min_latency: Latency of the fastest tiling, computed on undiscretised latencies.
+        budget: The budget that was asked for.
+    """
+
+    def __init__(self, message: str, *, min_latency: float, budget: float) -> None:
+        super().__init__(message)
+        self.min_latency = min_latency
+        self.budget = budget
 
 
 def suggest(name: str, known: Iterable[str]) -> str:

@@ -68,7 +68,10 @@ class _Spy(logging.Handler):
         self.records.append(record)
 
 
-def test_export_onnx_is_quiet(capfd, caplog, tmp_path, captured) -> None:
+def test_export_onnx_is_quiet(capfd, caplog, tmp_path, captured, monkeypatch) -> None:
+    import depthfold.backends.onnx as onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "_EXPORTS", type(onnx_backend._EXPORTS)())  # export, not a cache hit
     # torch's own stderr handlers bind the stream at import time (out of capfd's reach), so spy on the
     # exporter's loggers directly: nothing may reach them, and everything is re-logged at DEBUG instead.
     gm, x = captured

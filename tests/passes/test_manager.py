@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,9 +28,9 @@ class ScaleConfig:
     factor: float = 1.01
 
 
-@pytest.fixture
-def register() -> Iterator:  # type: ignore[type-arg]
-    """Register test passes under unique names; they are removed from the registry afterwards."""
+@contextlib.contextmanager
+def _test_passes() -> Iterator:  # type: ignore[type-arg]
+    """Register test passes under unique names; they are removed from the registry on exit."""
     added: list[str] = []
 
     def add(name: str, fn, *, exactness: Exactness = Exactness.EXACT, config: type = NoConfig,  # type: ignore[no-untyped-def]
@@ -39,9 +40,17 @@ def register() -> Iterator:  # type: ignore[type-arg]
         added.append(name)
         return name
 
-    yield add
-    for name in added:
-        registry_module._REGISTRY.pop(name, None)
+    try:
+        yield add
+    finally:
+        for name in added:
+            registry_module._REGISTRY.pop(name, None)
+
+
+@pytest.fixture
+def register() -> Iterator:  # type: ignore[type-arg]
+    with _test_passes() as add:
+        yield add
 
 
 class Net(nn.Module):
@@ -251,5 +260,12 @@ def test_manager_verify_off_skips_the_numeric_check(register, captured) -> None:
 
 
 def test_manager_test_passes_are_cleaned_up() -> None:
-    assert not [n for n in registry_module._REGISTRY if n.startswith("_test_")]
+    with _test_passes() as add:
+        name = add("_test_cleanup", scale_first_conv, config=ScaleConfig)
+        assert name in registry_module._REGISTRY
+    assert name not in registry_module._REGISTRY
+    with pytest.raises(RuntimeError), _test_passes() as add:  # also when the test body fails
+        name = add("_test_cleanup_on_error", scale_first_conv, config=ScaleConfig)
+        raise RuntimeError("test failed")
+    assert name not in registry_module._REGISTRY
     assert dataclasses.is_dataclass(NoConfig)

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import ConfigError, DepthfoldError
+from ...errors import ConfigError, DepthfoldError, InfeasibleBudgetError
 
 __all__ = ["Candidate", "Plan", "solve_plan", "InfeasibleBudgetError", "DEFAULT_STEPS"]
 
@@ -117,20 +117,6 @@ class Plan:
     latency: float
     resolution: float
     budget: float
-
-
-class InfeasibleBudgetError(DepthfoldError):
-    """No plan fits the budget; ``min_latency`` is the smallest achievable (true) latency.
-
-    Attributes:
-        min_latency: Latency of the fastest tiling, computed on undiscretised latencies.
-        budget: The budget that was asked for.
-    """
-
-    def __init__(self, message: str, *, min_latency: float, budget: float) -> None:
-        super().__init__(message)
-        self.min_latency = min_latency
-        self.budget = budget
 
 
 def solve_plan(

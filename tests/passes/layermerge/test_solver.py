@@ -126,7 +126,10 @@ def test_solve_plan_importance_grows_with_budget(instance: tuple[list[Candidate]
     smaller = data.draw(st.floats(0.5, budget), label="smaller")
     try:
         tight = solve_plan(candidates, num_positions, smaller, resolution=1)
-    except InfeasibleBudgetError:
+    except InfeasibleBudgetError as err:
+        # Genuinely infeasible: no plan fits, on true latencies or on the resolution's whole steps.
+        steps = min(sum(math.ceil(c.latency - 1e-9) for c in p) for p in all_plans(candidates, num_positions))
+        assert err.min_latency > smaller or steps > math.floor(smaller + 1e-9)
         return
     assert tight.importance <= full.importance + IMPORTANCE_TOL
     assert tight.latency <= smaller
