@@ -10,23 +10,24 @@ Accepted forms (``k`` = the number of model inputs, in capture order):
 * a ``DataLoader``, a list of batches or any iterable of batches (each a tensor, tuple or dict as above),
   read lazily until enough samples are in.
 
-A list of tensors is read as stacked inputs (``(x, y)``) only when its tensors line up with the model's
-inputs (and labels of the same length); otherwise it is a list of batches. Only ``limit`` samples are ever
-read, so a large loader costs what it yields, not its length.
+A list of ``k`` or ``k + 1`` tensors is read as stacked inputs (``(x, y)``; labels of another length are
+refused), except that for a one-input model a list whose tensors could each be a batch of that input
+(``[x[:6], x[6:]]``), or whose first tensor does not fit it, is a list of batches, as is any other list.
+Only ``limit`` samples are ever read, so a large loader costs what it yields, not its length.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 from .errors import ConfigError
+from .ir.digest import digest_tensors
 
 __all__ = ["ACCEPTED_FORMS", "LABEL_KEYS", "Samples", "read_samples", "synthetic_samples"]
 
@@ -70,19 +71,15 @@ class Samples:
 
     def digest(self) -> str:
         """A content hash of inputs and labels (cache keys)."""
-        h = hashlib.sha256()
-        for t in (*self.inputs, self.labels):
-            if t is not None:
-                h.update(str((tuple(t.shape), str(t.dtype))).encode())
-                h.update(t.detach().contiguous().cpu().numpy().tobytes())
-        return h.hexdigest()
+        return digest_tensors(*self.inputs, self.labels)
 
 
 def synthetic_samples(example_inputs: Sequence[torch.Tensor], count: int, *, names: Sequence[str] = (),
-                      seed: int = 0) -> Samples:
+                      seed: int = 0, generator: torch.Generator | None = None) -> Samples:
     """``count`` random samples shaped like the example inputs: standard-normal floats, integers uniform over
-    the examples' observed range (token ids), coin-flip booleans."""
-    gen = torch.Generator().manual_seed(seed)
+    the examples' observed range (token ids), coin-flip booleans. Drawn from ``generator`` if given, else from
+    one seeded with ``seed``."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     inputs = []
     for t in example_inputs:
         shape = (count, *t.shape[1:])
@@ -133,7 +130,7 @@ def read_samples(data: Any, example_inputs: Sequence[torch.Tensor], *, names: Se
         return reader.finish([reader.batch(data, "data")], f"{type(data).__name__} of stacked samples", limit)
     if isinstance(data, DataLoader):
         return reader.from_batches(data, "DataLoader", limit)
-    if isinstance(data, Dataset) and hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
         return reader.from_dataset(data, limit, seed)
     if isinstance(data, (tuple, list)) or (isinstance(data, Iterable) and not isinstance(data, (str, bytes))):
         return reader.from_batches(data, type(data).__name__, limit)
@@ -174,12 +171,13 @@ class _Reader:
         k = len(self.examples)
         if not seq or not all(isinstance(t, (torch.Tensor, np.ndarray)) for t in seq):
             return False
+        # With k > 1, bare tensors are never batches, so k or k + 1 of them are stacked (batch() checks shapes
+        # and label length). With k == 1, a last tensor that could be a batch of the input makes it a list of
+        # batches; one that could not is labels, of any length, so a wrong length is refused, not dropped.
         if len(seq) == k:
-            return all(self.fits(t, i) for i, t in enumerate(seq))
-        if len(seq) == k + 1 and all(self.fits(t, i) for i, t in enumerate(seq[:k])):
-            labels = seq[k]
-            same_length = labels.ndim > 0 and labels.shape[0] == seq[0].shape[0]
-            return same_length and (k > 1 or not self.fits(labels, 0))
+            return k > 1 or self.fits(seq[0], 0)
+        if len(seq) == k + 1:
+            return k > 1 or (self.fits(seq[0], 0) and not self.fits(seq[1], 0))
         return False
 
     def batch(self, batch: Any, where: str) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:

@@ -16,7 +16,8 @@ def digest_tensors(*tensors: torch.Tensor | None) -> str:
     for t in tensors:
         if t is not None:
             h.update(str((tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.detach().contiguous().cpu().numpy().tobytes())
+            # Raw bytes through uint8: the same as numpy's for every dtype, and works for bfloat16 too.
+            h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -235,3 +235,18 @@ def test_unreachable_speedup_names_the_fastest_plan(cache: Path) -> None:
 def test_target_below_the_fixed_latency_is_infeasible(cache: Path) -> None:
     with pytest.raises(InfeasibleBudgetError, match="fastest"):
         run_with_fake_probe("layermerge:speedup=50")  # 0.208 ms target < 2.4 ms outside the trunk
+
+
+@pytest.mark.parametrize("form", ["loader", "batches"])
+def test_layermerge_reads_a_dataloader_and_a_list_of_batches(setup: Setup, cache: Path, form: str) -> None:
+    """What most users pass: a DataLoader, or a list of input batches (never mistaken for ``(x, y)``)."""
+    x, y = setup.train.tensors
+    data = (torch.utils.data.DataLoader(setup.train, batch_size=16) if form == "loader"
+            else [x[i:i + 16] for i in range(0, 96, 16)])
+    result = depthfold.optimize(setup.model, (setup.x,), [
+        f"layermerge:speedup=1.3,importance=zero_shot,recover_steps=2,{SMALL}"], data=data)
+    accuracy = result.records[0].details["accuracy"]
+    assert accuracy["samples"] == 32 and not accuracy["synthetic_data"]
+    assert (accuracy["original"] is None) == (form == "batches")  # a loader of (x, y) has labels
+    with torch.no_grad():
+        assert result.module(x[:16]).shape == (16, 10)
