@@ -334,3 +334,23 @@ def test_recover_pass_needs_data() -> None:
 def test_recover_pass_config_is_checked_before_capture() -> None:
     with pytest.raises(ConfigError, match="steps must be a positive integer"):
         depthfold.optimize(make_teacher(), (torch.randn(1, 1, 8, 8),), ["recover:steps=0"])
+
+
+class BatchReshapeCNN(SmallCNN):
+    """Reshapes with its own batch size, as Hugging Face EfficientNet's pooler does (captured statically, the
+    batch of the example input would be baked into that reshape)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        return self.fc(self.pool(x).reshape(x.shape[0], -1))
+
+
+def test_a_model_reshaping_with_its_batch_size_calibrates_at_batch_16(digits) -> None:
+    train, _ = digits
+    torch.manual_seed(0)
+    res = depthfold.optimize(BatchReshapeCNN().eval(), (train.tensors[0][:1],),
+                             ["recover:steps=2,batch_size=16,train_samples=48,eval_samples=16"], data=train)
+    assert res.report["capture"]["batch"], res.report["capture"]
+    assert res.records[0].details["recovery"]["steps"] == 2
+    assert res.module(train.tensors[0][:16]).shape == (16, 10)
