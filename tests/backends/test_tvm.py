@@ -235,8 +235,8 @@ def test_tvm_cuda_runs_and_matches_torch_on_a_gpu(tmp_path: Path) -> None:
 
 def test_tvm_missing_cross_toolchain_names_the_debian_package(monkeypatch: pytest.MonkeyPatch,
                                                               tmp_path: Path) -> None:
-    real = tvm_backend.shutil.which
-    monkeypatch.setattr(tvm_backend.shutil, "which",
+    real = shutil.which
+    monkeypatch.setattr(shutil, "which",
                         lambda name, *a, **k: None if "aarch64" in name or "qemu" in name else real(name, *a, **k))
     with pytest.raises(BackendUnavailableError, match="g\\+\\+-aarch64-linux-gnu"):
         tvm_backend.compile(_Small().eval(), (torch.randn(1, 3, 8, 8),), "aarch64", out_dir=tmp_path)
@@ -245,8 +245,8 @@ def test_tvm_missing_cross_toolchain_names_the_debian_package(monkeypatch: pytes
 
 
 def test_tvm_missing_nvcc_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    real = tvm_backend.shutil.which
-    monkeypatch.setattr(tvm_backend.shutil, "which", lambda n, *a, **k: None if n == "nvcc" else real(n, *a, **k))
+    real = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda n, *a, **k: None if n == "nvcc" else real(n, *a, **k))
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     with pytest.raises(BackendUnavailableError, match="nvcc"):
