@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from .errors import ConfigError
 from .ir.digest import digest_tensors
+from .ir.verify import random_like
 
 __all__ = ["ACCEPTED_FORMS", "LABEL_KEYS", "Samples", "read_samples", "synthetic_samples"]
 
@@ -80,16 +81,7 @@ def synthetic_samples(example_inputs: Sequence[torch.Tensor], count: int, *, nam
     the examples' observed range (token ids), coin-flip booleans. Drawn from ``generator`` if given, else from
     one seeded with ``seed``."""
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
-    inputs = []
-    for t in example_inputs:
-        shape = (count, *t.shape[1:])
-        if t.dtype.is_floating_point:
-            inputs.append(torch.randn(shape, generator=gen).to(t.dtype))
-        elif t.dtype == torch.bool:
-            inputs.append(torch.rand(shape, generator=gen) > 0.5)
-        else:
-            lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
-            inputs.append(torch.randint(lo, hi + 1, shape, generator=gen, dtype=t.dtype))
+    inputs = [random_like(t, (count, *t.shape[1:]), gen) for t in example_inputs]
     return Samples(tuple(inputs), None, _names(names, len(inputs)), "synthetic (standard normal)", True)
 
 

@@ -304,15 +304,14 @@ def _export(module: nn.Module, args: tuple[Any, ...], opset: int | None, optimiz
 def _run_exporter(module: nn.Module, args: tuple[Any, ...], opset: int | None, optimize: bool,
                   dynamic_shapes: Any) -> Any:
     """``torch.onnx.export``; with dynamic axes first, and with static ones if the exporter cannot keep them."""
+    options = {"dynamo": True, "opset_version": opset, "optimize": optimize, "external_data": False}
     if dynamic_shapes is not None:
         try:
-            return torch.onnx.export(module, args, dynamo=True, opset_version=opset, optimize=optimize,
-                                     external_data=False, dynamic_shapes=dynamic_shapes)
+            return torch.onnx.export(module, args, dynamic_shapes=dynamic_shapes, **options)
         except Exception as err:  # the graph pins a size the capture left symbolic: export the example's shapes
             logger.warning("ONNX export with dynamic axes failed (%s: %s); exporting static shapes",
                            type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "")
-    return torch.onnx.export(module, args, dynamo=True, opset_version=opset, optimize=optimize,
-                             external_data=False)
+    return torch.onnx.export(module, args, **options)
 
 
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:

@@ -8,6 +8,7 @@ from .capture import (
     capture,
     describe_inputs,
     dynamic_dims,
+    free_dims,
     input_names,
     normalize_inputs,
     split_inputs,
@@ -58,7 +59,7 @@ from .view import (
 __all__ = [
     "CapturedModel", "ErrorStats", "META_DTYPE", "META_FROM", "META_MODULE_PATH", "META_MODULE_TYPE",
     "META_SHAPE", "RepeatedBlocks", "ResidualBlock", "TOLERANCE", "annotate", "attention_sites",
-    "capture", "check_equivalent", "clone", "compare_outputs", "compute_nodes", "describe_inputs", "digest_graph", "digest_tensors", "dynamic_dims", "input_names",
+    "capture", "check_equivalent", "clone", "compare_outputs", "compute_nodes", "describe_inputs", "digest_graph", "digest_tensors", "dynamic_dims", "free_dims", "input_names",
     "split_inputs",
     "flatten_outputs", "get_param", "graph_stats", "is_shared", "ownership_problem", "set_param", "immediate_dominators", "linear_chains",
     "locate_divergence", "module_path", "new_param", "normalize_inputs", "op_histogram", "ops",

@@ -24,7 +24,7 @@ from torch.fx import GraphModule
 from ..errors import CaptureError, ConfigError, suggest
 from .graph import META_MODULE_PATH, META_MODULE_TYPE, annotate
 
-__all__ = ["CapturedModel", "capture", "describe_inputs", "dynamic_dims", "input_names", "normalize_inputs", "split_inputs"]
+__all__ = ["CapturedModel", "capture", "describe_inputs", "dynamic_dims", "free_dims", "input_names", "normalize_inputs", "split_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def split_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[torch.Ten
     elif (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2
           and isinstance(example_inputs[0], (tuple, list)) and isinstance(example_inputs[1], Mapping)):
         args, kwargs = example_inputs
-    args = normalize_inputs(args) if not (isinstance(args, (tuple, list)) and not args and kwargs) else ()
+    # With keyword inputs, no positional ones is fine; otherwise normalize_inputs says what is wrong.
+    args = () if kwargs and isinstance(args, (tuple, list)) and not args else normalize_inputs(args)
     bad = [k for k, v in kwargs.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ConfigError(f"keyword example input {bad[0]!r} is a {type(kwargs[bad[0]]).__name__}; every example "
@@ -177,6 +178,12 @@ def dynamic_dims(gm: GraphModule) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
+def free_dims(gm: GraphModule) -> tuple[tuple[int, ...], ...]:
+    """Per graph input, its dynamic dimensions besides the batch (a sequence length): where data samples may
+    differ in shape from the example input."""
+    return tuple(tuple(d for d in dims if d) for dims in dynamic_dims(gm))
+
+
 def _is_token(t: torch.Tensor) -> bool:
     return not t.dtype.is_floating_point and t.dim() >= 2
 
@@ -205,39 +212,33 @@ def _widen(t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
 def _export(model: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor], *, dynamic: bool,
             dynamic_shapes: Any, name: str) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """Export dynamic (batch and sequence, then batch only) where the model allows it, else static."""
-    report: dict[str, Any] = {"batch": False, "seq": False, "fallback": None}
-    attempts: list[tuple[bool, bool]] = []
-    if dynamic:
-        inputs = (*args, *kwargs.values())
-        has_tokens = any(_is_token(t) for t in inputs)
-        attempts = [(True, True), (True, False)] if has_tokens else [(True, False)]
+    inputs = (*args, *kwargs.values())
     max_seq = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    attempts = ([True, False] if any(_is_token(t) for t in inputs) else [False]) if dynamic else []
     reasons = []
-    for batch, seq in attempts:
-        specs = _dynamic_spec((*args, *kwargs.values()), seq, max_seq)
-        wide = [_widen(t, list(s)) for t, s in zip((*args, *kwargs.values()), specs)]
+    for seq in attempts:
+        specs = _dynamic_spec(inputs, seq, max_seq)
+        wide = [_widen(t, list(s)) for t, s in zip(inputs, specs)]
         wide_args, wide_kwargs = tuple(wide[:len(args)]), dict(zip(kwargs, wide[len(args):]))
-        shapes = _shapes_for(model, args, kwargs, specs)
         try:
             with _quiet_fake_tensor():
-                exported = torch.export.export(model, wide_args, kwargs=wide_kwargs, dynamic_shapes=shapes,
-                                               strict=False)
-            report.update(batch=batch, seq=seq, fallback="; ".join(reasons) or None)
+                exported = torch.export.export(model, wide_args, kwargs=wide_kwargs, strict=False,
+                                               dynamic_shapes=_shapes_for(model, args, kwargs, specs))
+            report = {"batch": True, "seq": any(1 in s for s in specs), "fallback": "; ".join(reasons) or None}
             return exported, report
         except Exception as err:  # any failure: the model pins that size; try less dynamic
             what = "batch and sequence" if seq else "batch"
             reasons.append(f"{what} not dynamic: {_constraint_reason(err)}")
-            logger.info("capture: %s of %s cannot be dynamic (%s); trying %s", what, name,
-                        _constraint_reason(err), "batch only" if seq else "static shapes")
+            logger.info("capture: %s of %s cannot be dynamic (%s); trying %s", what, name, reasons[-1],
+                        "batch only" if seq else "static shapes")
     try:
         exported = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as err:
         raise CaptureError(_explain_export_failure(name, err)) from err
-    report["fallback"] = "; ".join(reasons) or (None if not dynamic else "static")
     if reasons:
         logger.warning("capture: %s captured with static shapes (%s); passes that calibrate run it at the "
                        "example batch size", name, "; ".join(reasons))
-    return exported, report
+    return exported, {"batch": False, "seq": False, "fallback": "; ".join(reasons) or None}
 
 
 def _shapes_for(model: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor],

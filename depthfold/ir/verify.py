@@ -26,6 +26,7 @@ __all__ = [
     "flatten_outputs",
     "locate_divergence",
     "random_inputs_like",
+    "random_like",
     "structural_check",
 ]
 
@@ -106,21 +107,25 @@ def random_inputs_like(example_inputs: Sequence[torch.Tensor], count: int, *, se
     observed range; booleans: coin flips.
     """
     gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(count):
-        batch = []
-        for t in example_inputs:
-            if t.dtype.is_floating_point:
-                std = float(t.float().std()) if t.numel() > 1 else 1.0
-                mean = float(t.float().mean())
-                batch.append((torch.randn(t.shape, generator=gen) * (std or 1.0) + mean).to(t.dtype))
-            elif t.dtype == torch.bool:
-                batch.append(torch.rand(t.shape, generator=gen) > 0.5)
-            else:
-                lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)  # min() of nothing raises
-                batch.append(torch.randint(lo, hi + 1, t.shape, generator=gen, dtype=t.dtype))
-        batches.append(tuple(batch))
-    return batches
+    return [tuple(random_like(t, t.shape, gen, moments=True) for t in example_inputs) for _ in range(count)]
+
+
+def random_like(example: torch.Tensor, shape: Sequence[int], generator: torch.Generator, *,
+                moments: bool = False) -> torch.Tensor:
+    """A random tensor of ``shape`` with the dtype of ``example``: floats standard normal (with ``moments``,
+    scaled to the example's mean and std), integers (token ids) uniform over the example's observed range,
+    booleans coin flips."""
+    t = example
+    if t.dtype.is_floating_point:
+        noise = torch.randn(tuple(shape), generator=generator)
+        if moments:
+            std = float(t.float().std()) if t.numel() > 1 else 1.0
+            noise = noise * (std or 1.0) + float(t.float().mean())
+        return noise.to(t.dtype)
+    if t.dtype == torch.bool:
+        return torch.rand(tuple(shape), generator=generator) > 0.5
+    lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)  # min() of nothing raises
+    return torch.randint(lo, hi + 1, tuple(shape), generator=generator, dtype=t.dtype)
 
 
 def _tolerance(inputs: Sequence[Sequence[torch.Tensor]]) -> float:

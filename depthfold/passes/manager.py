@@ -88,7 +88,6 @@ class PassManager:
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.progress = progress
         self.context = context
-        self._original: GraphModule | None = None
         self._check_order()
 
     def _check_order(self) -> None:
@@ -103,7 +102,9 @@ class PassManager:
     def run(self, gm: GraphModule, example_inputs: Sequence[torch.Tensor]) -> PipelineResult:
         """Run the pipeline on ``gm`` (which is not modified) and return the final graph and records."""
         inputs = tuple(example_inputs)
-        self._original = gm
+        context = self.context or PassContext()
+        context = dataclasses.replace(context, example_inputs=context.example_inputs or inputs,
+                                      original=gm if context.original is None else context.original)
         check_inputs = [inputs, *ir.random_inputs_like(inputs, self.random_inputs, seed=0)]
         current = gm
         state = _GraphState(ir.graph_stats(gm, inputs), None)
@@ -121,7 +122,7 @@ class PassManager:
             if spec.info.idempotent and spec.name in done_once:
                 continue
             record, current, state = self._run_one(index, spec, current, state, inputs, check_inputs,
-                                                   [r.name for r in records])
+                                                   [r.name for r in records], context)
             records.append(record)
             done_once.add(spec.name)
             changed_in_step[step] = changed_in_step.get(step, False) or record.changed
@@ -130,17 +131,12 @@ class PassManager:
 
     def _run_one(self, index: int, spec: PassSpec, gm: GraphModule, state: _GraphState,
                   inputs: tuple[torch.Tensor, ...], check_inputs: list[tuple[torch.Tensor, ...]],
-                  previous: list[str]) -> tuple[PassRecord, GraphModule, _GraphState]:
+                  previous: list[str], context: PassContext) -> tuple[PassRecord, GraphModule, _GraphState]:
         before = state.stats
         self._dump(index, spec.name, "before", gm)
         start = time.perf_counter()
         try:
             if spec.info.uses_context:
-                context = self.context or PassContext()
-                if not context.example_inputs:
-                    context = dataclasses.replace(context, example_inputs=inputs)
-                if context.original is None:
-                    context = dataclasses.replace(context, original=self._original)
                 result = spec.info.fn(gm, spec.config, context)
             else:
                 result = spec.info.fn(gm, spec.config)

@@ -37,7 +37,7 @@ from ..errors import ConfigError, suggest
 from ..ir import ops
 from .base import Change, Exactness, PassContext, PassResult
 from .common.calibration import calibration_split
-from .common.metrics import batched_outputs, evaluate, logits_of
+from .common.metrics import batched_outputs, check_metrics, evaluate, logits_of
 from .registry import register_pass
 
 __all__ = ["RecoverConfig", "RecoverReport", "recalibrate_batch_norm", "recover"]
@@ -274,7 +274,7 @@ def _samples(student: nn.Module, data: Any, example_inputs: Sequence[torch.Tenso
         example_inputs = _graph_examples(student)
         if example_inputs is not None:
             names = ir.input_names(student)
-            free = tuple(tuple(d for d in dims if d) for dims in ir.dynamic_dims(student))
+            free = ir.free_dims(student)
     if example_inputs is None:
         first = _first_input(data)
         example_inputs = (first,) if first is not None else None
@@ -535,12 +535,7 @@ class RecoverConfig:
         for name in ("train_samples", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"recover {name} must be >= 1, got {getattr(self, name)}")
-        from .common.metrics import METRICS
-
-        unknown = [m for m in self.metrics if m not in METRICS]
-        if unknown:
-            raise ConfigError(f"recover: unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}"
-                              f"{suggest(unknown[0], METRICS)}")
+        check_metrics(self.metrics)
 
 
 @register_pass("recover", exactness=Exactness.APPROXIMATE, config=RecoverConfig, uses_context=True)
@@ -554,8 +549,7 @@ def recover_pass(gm: GraphModule, config: RecoverConfig, context: PassContext) -
         raise ConfigError("recover trains on data: pass data=... (a DataLoader, a Dataset, tensors or batches) "
                           "to optimize()")
     inputs = tuple(context.example_inputs)
-    free = tuple(tuple(d for d in dims if d) for dims in ir.dynamic_dims(gm))
-    calib = calibration_split(context.data, inputs, names=ir.input_names(gm), free_dims=free,
+    calib = calibration_split(context.data, inputs, names=ir.input_names(gm), free_dims=ir.free_dims(gm),
                               eval_samples=config.eval_samples, train_samples=config.train_samples,
                               batch_size=config.batch_size, seed=context.seed)
     student = ir.to_module(gm)

@@ -20,7 +20,7 @@ from torch import nn
 from ...data import Samples
 from ...errors import ConfigError, suggest
 
-__all__ = ["METRICS", "Metric", "accuracy", "batched_outputs", "cosine", "evaluate", "kl_divergence", "logits_of",
+__all__ = ["METRICS", "Metric", "accuracy", "batched_outputs", "check_metrics", "cosine", "evaluate", "kl_divergence", "logits_of",
            "perplexity"]
 
 
@@ -42,12 +42,10 @@ def logits_of(value: Any) -> torch.Tensor | None:
     if isinstance(logits, torch.Tensor):
         return logits
     items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
-    for item in items:
+    for item in items:  # a Hugging Face ModelOutput is a dict
         found = logits_of(item)
         if found is not None:
             return found
-    if hasattr(value, "to_tuple"):  # Hugging Face ModelOutput
-        return logits_of(value.to_tuple())
     return None
 
 
@@ -117,12 +115,15 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 )}
 
 
+def check_metrics(names: Sequence[str]) -> None:
+    """Raise ``ConfigError`` for a name that is not in :data:`METRICS`, suggesting the closest."""
+    for name in names:
+        if name not in METRICS:
+            raise ConfigError(f"unknown metric {name!r}; known: {', '.join(METRICS)}{suggest(name, METRICS)}")
+
+
 def evaluate(teacher: torch.Tensor, student: torch.Tensor, samples: Samples,
              metrics: Sequence[str] = ("kl", "accuracy")) -> dict[str, float | None]:
     """Each named metric of the student's outputs (``teacher``: the original's outputs on the same samples)."""
-    out = {}
-    for name in metrics:
-        if name not in METRICS:
-            raise ConfigError(f"unknown metric {name!r}; known: {', '.join(METRICS)}{suggest(name, METRICS)}")
-        out[name] = METRICS[name].fn(teacher, student, samples)
-    return out
+    check_metrics(metrics)
+    return {name: METRICS[name].fn(teacher, student, samples) for name in metrics}

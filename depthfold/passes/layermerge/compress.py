@@ -26,12 +26,13 @@ from torch.fx import GraphModule
 from ... import ir
 from ...errors import ConfigError, PassError
 from ..base import Change, Exactness, PassContext, PassResult, Skip
+from ..common import metrics
 from ..common.calibration import calibration_split
 from ..recover import recalibrate_batch_norm, recover
 from ..registry import register_pass
 from .apply import META_SEGMENT, apply_plan, merge_segments
 from .candidates import Mode, enumerate_choices
-from .importance import accuracy, batched_logits, build_importance_table, output_kl
+from .importance import build_importance_table
 from .latency_table import build_latency_table
 from .solver import Candidate, InfeasibleBudgetError, Plan, solve_plan
 from .trunk import analyze_trunk
@@ -115,13 +116,13 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     inputs = tuple(context.example_inputs)
+    if len(inputs) != 1 or not inputs[0].dtype.is_floating_point:
+        raise ConfigError("layermerge compresses single-input CNNs: give one example image batch, e.g. "
+                          "(torch.randn(1, 3, 224, 224),)")
     trunk = analyze_trunk(gm)
     mode: Mode = config.mode
     choices = enumerate_choices(trunk, mode=mode, max_span=config.max_span, max_kernel=config.max_kernel)
     timings["enumerate_s"] = time.perf_counter() - clock
-    if len(inputs) != 1 or not inputs[0].dtype.is_floating_point:
-        raise ConfigError("layermerge compresses single-input CNNs: give one example image batch, e.g. "
-                          "(torch.randn(1, 3, 224, 224),)")
     calib = calibration_split(context.data, inputs, names=ir.input_names(gm), eval_samples=config.eval_samples,
                               train_samples=config.train_samples, batch_size=config.batch_size, seed=context.seed)
     latency = build_latency_table(gm, trunk, choices, context.latency_probe, executor=context.executor,
@@ -151,17 +152,23 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
     timings["plan_s"] = time.perf_counter() - clock  # DP solves and the replanning measurements
     chosen = [choices[c.choice] for c in plan.chosen]
 
+    held_out = calib.held_out
+
     def held_out_logits(model: GraphModule) -> torch.Tensor:
-        return batched_logits(model, calib.held_out.inputs[0], calib.batch_size)
+        return metrics.batched_outputs(model, held_out, calib.batch_size)
+
+    def held_out_accuracy(model: GraphModule) -> float | None:
+        logits = held_out_logits(model)
+        return metrics.accuracy(logits, logits, held_out)
 
     compressed, segments = apply_plan(gm, trunk, chosen)
     ir.annotate(compressed, inputs)
-    accuracy_compressed = accuracy(held_out_logits(compressed), calib.held_out.labels)
+    accuracy_compressed = held_out_accuracy(compressed)
     recalibrated = 0
     if config.recalibrate_bn:
         recalibrated = recalibrate_batch_norm(compressed, calib.train.inputs[0][:_RECALIBRATION_SAMPLES],
                                               batch_size=calib.batch_size)
-    accuracy_before = accuracy(held_out_logits(compressed), calib.held_out.labels) if recalibrated else accuracy_compressed
+    accuracy_before = held_out_accuracy(compressed) if recalibrated else accuracy_compressed
     recovery = None
     if config.recover_steps:
         clock = time.perf_counter()
@@ -173,7 +180,7 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
         timings["recover_s"] = time.perf_counter() - clock
     merged, merged_nodes = merge_segments(compressed, segments)
     ir.annotate(merged, inputs)
-    merge_error = _check_merge(compressed, merged, calib.held_out.inputs[0][: calib.batch_size], inputs)
+    merge_error = _check_merge(compressed, merged, held_out.inputs[0][: calib.batch_size], inputs)
     residue = [n.name for n in merged.graph.nodes if META_SEGMENT in n.meta and n.target in _REPAD_TARGETS]
     if residue:
         raise PassError(f"layermerge: re-padding nodes {', '.join(residue[:5])} survived the merge; this is a bug "
@@ -214,8 +221,9 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
         "timings": {**timings, "latency_table_s": latency.seconds, "importance_table_s": importance.seconds},
         "accuracy": {"original": importance.original_accuracy, "compressed": accuracy_compressed,
                      "batch_norms_recalibrated": recalibrated, "compressed_before_recovery": accuracy_before,
-                     "after_recovery": accuracy(student, calib.held_out.labels), "output_kl": output_kl(teacher, student),
-                     "samples": len(calib.held_out.inputs[0]), "synthetic_data": calib.synthetic},
+                     "after_recovery": metrics.accuracy(teacher, student, held_out),
+                     "output_kl": metrics.kl_divergence(teacher, student, held_out),
+                     "samples": len(held_out), "synthetic_data": calib.synthetic},
         "recovery": recovery.to_dict() if recovery else None,
         "replanning": attempts,
         "merge_max_rel_error": merge_error,

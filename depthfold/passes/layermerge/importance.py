@@ -41,27 +41,12 @@ from .apply import AppliedSegment, apply_plan, share_graph
 from .candidates import SegmentChoice
 from .trunk import Trunk
 
-__all__ = ["ESTIMATORS", "ImportanceTable", "accuracy", "batched_logits", "build_importance_table", "output_kl"]
+__all__ = ["ESTIMATORS", "ImportanceTable", "build_importance_table"]
 
 Estimator = Literal["zero_shot", "local", "finetune"]
 ESTIMATORS: tuple[str, ...] = ("zero_shot", "local", "finetune")
 _LOCAL_BATCH = 16
 """Samples per local training step: a segment is small, and many short steps fit it faster than few big ones."""
-
-
-def batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The model's logits on the single-input samples ``x``, ``batch_size`` at a time."""
-    return metrics.batched_outputs(model, Samples((x,), None, ("x",)), batch_size)
-
-
-def output_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
-    """Mean KL(teacher || student) over samples (softmax over the last dimension)."""
-    return metrics.kl_divergence(teacher_logits, student_logits, Samples((teacher_logits,), None, ("x",)))
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
-    """Top-1 accuracy of ``logits`` against ``labels`` (None without labels)."""
-    return metrics.accuracy(logits, logits, Samples((logits,), labels, ("x",)))
 
 
 @dataclass
@@ -103,10 +88,12 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
 
     start = time.perf_counter()
     bs = calib.batch_size
-    teacher = batched_logits(gm, calib.held_out.inputs[0], bs)
-    original_acc = accuracy(teacher, calib.held_out.labels)
+    held_out = calib.held_out
+    teacher = metrics.batched_outputs(gm, held_out, bs)
+    original_acc = metrics.accuracy(teacher, teacher, held_out)
     root = cache_dir("layermerge", "importance")
-    common = {"model": digest_graph(gm), "calibration": digest_tensors(calib.train.inputs[0], calib.held_out.inputs[0], calib.held_out.labels),
+    common = {"model": digest_graph(gm),
+              "calibration": digest_tensors(calib.train.inputs[0], held_out.inputs[0], held_out.labels),
               "batch_size": bs, "estimator": estimator, "steps": steps, "lr": lr}
     keys = [json.dumps({**common, "choice": c.to_dict()}, sort_keys=True) for c in choices]
     results: dict[int, dict[str, Any]] = {}
@@ -121,21 +108,22 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
     if todo:
         features = _features_for(gm, trunk, [choices[i] for i in todo], calib) if estimator == "local" else {}
         suffix_inputs = _suffix_inputs(gm, trunk) if estimator != "finetune" else {}
-        cached = _original_values(gm, sorted(set().union(*suffix_inputs.values())), calib.held_out.inputs[0], bs)
+        cached = _original_values(gm, sorted(set().union(*suffix_inputs.values())), held_out.inputs[0], bs)
     for i in tqdm(todo, desc="importance", unit="cand", disable=not progress, leave=False):
         choice = choices[i]
         if estimator == "finetune":
             student, _ = apply_plan(gm, trunk, [choice])
             recover(student, gm, calib.train.inputs[0], steps=steps, lr=lr, batch_size=bs, eval_batches=0)
             trained += 1
-            logits = batched_logits(student, calib.held_out.inputs[0], bs)
+            logits = metrics.batched_outputs(student, held_out, bs)
         else:
             student, segments = apply_plan(gm, trunk, [choice], share_params=True)
             if estimator == "local" and segments:
                 _train_locally(student, segments[0], trunk, choice, features, steps, lr, min(bs, _LOCAL_BATCH))
                 trained += 1
-            logits = _suffix_logits(student, trunk.positions[choice.start].node, cached, calib.held_out.inputs[0], bs)
-        results[i] = {"metric": -output_kl(teacher, logits), "accuracy": accuracy(logits, calib.held_out.labels)}
+            logits = _suffix_logits(student, trunk.positions[choice.start].node, cached, held_out, bs)
+        results[i] = {"metric": -metrics.kl_divergence(teacher, logits, held_out),
+                      "accuracy": metrics.accuracy(teacher, logits, held_out)}
         if use_cache:
             store_entry(entry_path(root, keys[i]), keys[i], results[i])
     metric = [float(results[i]["metric"]) for i in range(len(choices))]
@@ -204,7 +192,7 @@ def _extract(gm: GraphModule, members: list[Node], output: Any) -> tuple[GraphMo
     return GraphModule(gm, graph), feeds
 
 
-def _suffix_logits(student: GraphModule, start: str, cached: dict[str, torch.Tensor], x: torch.Tensor,
+def _suffix_logits(student: GraphModule, start: str, cached: dict[str, torch.Tensor], samples: Samples,
                    batch_size: int) -> torch.Tensor:
     """The student's output computed from the original's values at ``start`` (everything before is the
     original's, unchanged), running only the part of the network after it; the full network if a needed
@@ -212,13 +200,13 @@ def _suffix_logits(student: GraphModule, start: str, cached: dict[str, torch.Ten
     after = _descendants(student, start)
     out_node = next((n for n in after if n.op == "output"), None)
     if out_node is None:
-        return batched_logits(student, x, batch_size)
+        return metrics.batched_outputs(student, samples, batch_size)
     suffix, feeds = _extract(student, [n for n in after if n is not out_node], out_node.args[0])
     if any(name not in cached for name in feeds):
-        return batched_logits(student, x, batch_size)
+        return metrics.batched_outputs(student, samples, batch_size)
     with torch.no_grad():
         return torch.cat([flatten_outputs(suffix(*(cached[f][i:i + batch_size] for f in feeds)))[0]
-                          for i in range(0, len(x), batch_size)])
+                          for i in range(0, len(samples), batch_size)])
 
 
 def _region(student: GraphModule, segment: AppliedSegment) -> tuple[GraphModule, list[str]]:
