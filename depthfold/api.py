@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from . import ir
 from ._atomic import atomic_write, ensure_writable_dir
 from .backends import latency as latency_mod
 from .backends import onnx as onnx_backend
-from .backends import ort
+from .backends.base import Target
 from .backends.probe import LatencyProbe
 from .passes import PassContext, PassManager, PassRecord
 from .report import new_report, render_markdown
@@ -47,6 +47,8 @@ class OptimizeResult:
     records: list[PassRecord]
     report: dict[str, Any]
     """JSON-serialisable: per pass name, exact, changed, max_abs_error, seconds, nodes/params/FLOPs."""
+    probe: LatencyProbe = field(default_factory=LatencyProbe)
+    """Where the pipeline planned for (backend, target, threads): what :meth:`measure` times on."""
 
     def export_onnx(self, path: str | Path, *, verify: bool = True) -> onnx_backend.OnnxArtifact:
         """Write the optimized model as ONNX (atomically; checked; verified against torch in ONNX Runtime)."""
@@ -54,16 +56,17 @@ class OptimizeResult:
         self.report["onnx"] = {"file": Path(artifact.path).name, **artifact.to_dict()}
         return artifact
 
-    def measure(self, *, device: str = "cpu", threads: int = 1, rounds: int = 20, warmup: int = 3
-                ) -> dict[str, Any]:
-        """Time the original and the optimized model in ONNX Runtime, interleaved; store it in the report."""
-        result = ort.compare_models({"original": self.original, "optimized": self.module}, self.example_inputs,
-                                    device=device, threads=threads, rounds=rounds, warmup=warmup,
-                                    min_sample_ms=50.0, baseline="original")
+    def measure(self, *, rounds: int = 20, probe: LatencyProbe | None = None) -> dict[str, Any]:
+        """Time the original and the optimized model interleaved on the backend and target the pipeline was
+        planned for (or ``probe``'s); store the result in the report."""
+        probe = probe or self.probe
+        backend = probe.open()
+        result = backend.compare({"original": self.original, "optimized": self.module}, self.example_inputs,
+                                 rounds=rounds, baseline="original", min_sample_ms=50.0)
         speedups = [1.0 / r for r in result["ratios"]["optimized"]["samples"]]
         summary = {
-            "backend": "onnxruntime", "device": device, "threads": threads, "rounds": rounds,
-            "calls_per_sample": result["inner"],
+            "backend": backend.name, "target": str(backend.target), "device": backend.target.device,
+            "threads": backend.threads, "rounds": rounds, "calls_per_sample": result["inner"],
             "measurements": {k: m.to_dict() for k, m in result["measurements"].items()},
             "speedup": {"median": latency_mod.quantile(speedups, 0.5),
                         "p10": latency_mod.quantile(speedups, 0.1),
@@ -87,8 +90,9 @@ class OptimizeResult:
 def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFAULT_PASSES, *,
              verify: bool = True, max_steps: int = 1, random_inputs: int = 2,
              dump_dir: str | Path | None = None, progress: bool = False, data: Any = None,
-             backend: str = "onnxruntime", device: str = "cpu", threads: int = 1, executor: Any = None,
-             backend_options: dict[str, Any] | None = None, seed: int = 0) -> OptimizeResult:
+             backend: str = "onnxruntime", device: str | None = None, target: Target | str | None = None,
+             threads: int = 1, executor: Any = None, backend_options: dict[str, Any] | None = None,
+             seed: int = 0) -> OptimizeResult:
     """Capture ``model``, run ``passes`` on it and verify the result; the user's model is never modified.
 
     Args:
@@ -107,9 +111,11 @@ def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFA
             ``recover``), in any form :func:`depthfold.data.read_samples` reads: a tensor, ``(x, y)``, a
             ``Dataset``, a ``DataLoader``, or any iterable of batches (tuples, or dicts such as tokenized batches
             with ``input_ids``, ``attention_mask``, ``labels``). Only the samples a pass needs are read.
-        backend, device, threads, backend_options: where latency-driven passes measure (the deployment
-            target): ``"onnxruntime"`` or ``"tvm"`` (options such as ``target``, ``remote``), ``"cpu"`` or
-            ``"cuda"``.
+        backend, target, device, threads, backend_options: where latency-driven passes measure and
+            :meth:`OptimizeResult.measure` times (the deployment target): ``"onnxruntime"``, ``"tvm"`` (options
+            such as ``remote``, ``mcpu``) or ``"torch"``; a :class:`~depthfold.backends.Target` or its name
+            (``"x86"``, ``"aarch64"``, ``"cuda"``, ...), default this machine with ``device`` (``"cpu"`` or
+            ``"cuda"``).
         executor: where independent table jobs run: ``None``/``"process"``, ``"serial"``, ``"ray"`` or a
             ``concurrent.futures.Executor``.
         seed: seed for calibration splits and training.
@@ -122,7 +128,7 @@ def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFA
     """
     manager = PassManager(passes, max_steps=max_steps, verify=verify, random_inputs=random_inputs,
                           dump_dir=dump_dir, progress=progress)  # bad pass specs fail before the capture
-    probe = LatencyProbe(backend=backend, device=device, threads=threads,
+    probe = LatencyProbe(backend=backend, target=Target.parse(target, device=device), threads=threads,
                          options=tuple(sorted((backend_options or {}).items())))
     captured = ir.capture(model, example_inputs)
     original = captured.graph_module
@@ -145,7 +151,7 @@ def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFA
         captured.model_name, inputs, [r.to_dict() for r in pipeline.records],
         ir.graph_stats(original, inputs), ir.graph_stats(pipeline.graph_module, inputs), verification)
     report["capture"] = {"input_names": list(captured.input_names), **captured.dynamic}
-    return OptimizeResult(pipeline.graph_module, original, inputs, pipeline.records, report)
+    return OptimizeResult(pipeline.graph_module, original, inputs, pipeline.records, report, probe)
 
 
 def _json_default(value: Any) -> Any:

@@ -131,7 +131,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     data = load_data(args.data or ("digits" if args.pretrained == "digits" else None), inputs)
     result = optimize(model, inputs, passes, max_steps=args.max_steps, dump_dir=args.dump_dir,
                       progress=not args.quiet, data=data, backend=args.backend, device=args.device,
-                      threads=args.threads, executor=args.executor)
+                      target=args.target, threads=args.threads, executor=args.executor)
     result.report["model"]["name"] = name
     paths = result.save(args.out, measure=args.measure)
     summary = result.report["summary"]
@@ -139,7 +139,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
           f"params {summary['before']['params']:,} -> {summary['after']['params']:,}; "
           f"max relative error {summary['verification'].get('max_rel', float('nan')):.2e}")
     if "latency" in result.report:
-        print(f"ORT latency speed-up: {result.report['latency']['speedup']['median']:.3f}x")
+        latency = result.report["latency"]
+        print(f"{latency['backend']} {latency['target']} latency speed-up: {latency['speedup']['median']:.3f}x")
     for key, path in paths.items():
         print(f"wrote {path}  ({key})")
     return 0
@@ -148,7 +149,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .backends import latency, ort
+    from .backends import Target, get_backend, ort
 
     if (Path(args.artifact) / "artifact.json").is_file():  # a TVM artifact directory from `depthfold compile`
         return _cmd_bench_tvm(args)
@@ -157,12 +158,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                           f"server; {args.artifact!r} is not one")
 
     files = [Path(args.artifact), *(Path(p) for p in args.compare)]
-    sessions = {str(f): ort.create_session(f, device=args.device, threads=args.threads) for f in files}
+    backend = get_backend("onnxruntime", Target.parse(None, device=args.device), threads=args.threads,
+                          warmup=args.warmup)
     rng = np.random.default_rng(0)
-    feeds = {name: ort.feeds(s, [_random_input(i, rng) for i in s.get_inputs()]) for name, s in sessions.items()}
-    result = latency.compare_interleaved(
-        {name: (lambda s=s, f=feeds[name]: s.run(None, f)) for name, s in sessions.items()},
-        rounds=args.repeat, warmup=args.warmup, threads=args.threads, backend="onnxruntime", device=args.device)
+    inputs = [_random_input(i, rng) for i in ort.create_session(files[0]).get_inputs()]
+    result = backend.compare({str(f): f for f in files}, inputs, rounds=args.repeat)
     rows = []
     for name, m in result["measurements"].items():
         ratio = result["ratios"][name]
@@ -275,12 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--pretrained", choices=["digits"], help="train (or load cached) zoo weights on digits")
     opt.add_argument("--max-steps", type=int, default=1, help="repeat the pipeline until nothing changes")
     opt.add_argument("--dump-dir", help="write graph code before/after each pass here")
-    opt.add_argument("--measure", action="store_true", help="also time original vs optimized in ORT")
+    opt.add_argument("--measure", action="store_true",
+                     help="also time original vs optimized, interleaved, on the planned backend and target")
     opt.add_argument("--data", help="calibration data for layermerge: 'digits' (default with --pretrained digits) "
                                     "or an .npz file with arrays x [and y]")
-    opt.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tvm"],
+    opt.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tvm", "torch"],
                      help="where latency-driven passes measure (the deployment backend)")
-    opt.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    opt.add_argument("--device", choices=["cpu", "cuda"], help="this machine's CPU (default) or GPU")
+    opt.add_argument("--target", help="where the model will run: x86, aarch64, cuda or ARCH-DEVICE (default: this "
+                                      "machine with --device)")
     opt.add_argument("--threads", type=int, default=1)
     opt.add_argument("--executor", default=None, choices=["process", "serial", "ray"],
                      help="where table-building jobs run (default: a local process pool)")

@@ -136,10 +136,29 @@ def test_pass_objects_are_accepted(net):
 
 def test_measure_records_interleaved_latency_in_the_report(net, tmp_path):
     res = depthfold.optimize(net, (torch.randn(1, 3, 12, 12),))
-    summary = res.measure(rounds=3, warmup=1)
+    summary = res.measure(rounds=3)
+    assert summary["backend"] == "onnxruntime" and summary["target"].endswith("-cpu")
     assert set(summary["measurements"]) == {"original", "optimized"}
     assert all(m["n"] == 3 for m in summary["measurements"].values())
     assert summary["calls_per_sample"] >= 1 and summary["speedup"]["median"] > 0
     assert res.report["latency"] is summary
     paths = res.save(tmp_path)
     assert "Speed-up (median of per-round ratios)" in paths["report_md"].read_text()
+
+
+def test_measure_times_on_the_backend_the_pipeline_planned_for(net):
+    from depthfold.backends import LatencyProbe
+
+    res = depthfold.optimize(net, (torch.randn(1, 3, 12, 12),), backend="torch", threads=1)
+    assert res.probe.backend == "torch"
+    summary = res.measure(rounds=2)
+    assert summary["backend"] == "torch" and all(m["backend"] == "torch" for m in summary["measurements"].values())
+    other = res.measure(rounds=2, probe=LatencyProbe("onnxruntime"))
+    assert other["backend"] == "onnxruntime"
+
+
+def test_target_and_device_must_agree(net):
+    with pytest.raises(ConfigError, match="runs on cuda, but device='cpu'"):
+        depthfold.optimize(net, (torch.randn(1, 3, 12, 12),), target="cuda", device="cpu")
+    with pytest.raises(ConfigError, match="unknown target 'x68'"):
+        depthfold.optimize(net, (torch.randn(1, 3, 12, 12),), target="x68")

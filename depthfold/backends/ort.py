@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,17 +21,16 @@ import torch
 
 from .._atomic import ensure_writable_dir
 from ..errors import ArtifactError, BackendUnavailableError, ConfigError, suggest
-from ..ir import flatten_outputs
-from .base import DEVICES, Inputs, Target, host_arch
-from .latency import Measurement, _check_counts, compare_interleaved, time_callable
+from .base import DEVICES, Backend, Inputs, LayerScope, Target, host_arch
+from .latency import Measurement, _check_counts, time_callable
 from .onnx import OnnxArtifact, export_onnx, to_numpy, to_onnx_model
 
 if TYPE_CHECKING:
     import onnxruntime
-    from torch import nn
+    from torch.fx import GraphModule
 
 __all__ = ["available_providers", "default_device", "create_session", "feeds", "run", "measure", "session_device",
-           "session_threads", "check_session_args", "compare_models", "measure_kernels", "last_level_cache_bytes",
+           "session_threads", "check_session_args", "measure_kernels", "last_level_cache_bytes",
            "OrtBackend", "GRAPH_OPTIMIZATIONS", "LAYOUT_OPS"]
 
 logger = logging.getLogger(__name__)
@@ -278,47 +277,63 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
     return largest or default
 
 
-def compare_models(models: Mapping[str, Any], inputs: Sequence[Any], *, device: str = "cpu", threads: int = 1,
-                   rounds: int = 20, warmup: int = 3, min_sample_ms: float | None = None,
-                   baseline: str | None = None) -> dict[str, Any]:
-    """Time ``models`` (name -> ``nn.Module`` exported in memory, or ONNX model / path) interleaved, one ORT
-    session each, with :func:`~depthfold.backends.latency.compare_interleaved` (whose result this returns)."""
-    calls = {}
-    for name, model in models.items():
-        source = to_onnx_model(model, tuple(inputs)) if isinstance(model, torch.nn.Module) else model
-        session = create_session(source, device=device, threads=threads)
-        feed = feeds(session, flatten_outputs(tuple(inputs)))
-        calls[name] = lambda s=session, f=feed: s.run(None, f)
-    return compare_interleaved(calls, rounds=rounds, warmup=warmup, min_sample_ms=min_sample_ms, baseline=baseline,
-                               threads=threads, backend="onnxruntime", device=device)
+class OrtBackend(Backend):
+    """ONNX Runtime on this machine's CPU or CUDA execution provider: ``nn.Module`` -> ONNX -> session.
 
-
-class OrtBackend:
-    """The :class:`~depthfold.backends.base.Backend` for ONNX Runtime: ONNX file -> session on this host."""
+    ``compile`` takes an ``nn.Module`` (exported in memory, cached by graph digest), an ONNX file, bytes or
+    ``ModelProto``, or an :class:`~depthfold.backends.onnx.OnnxArtifact`. Options: ``graph_optimization``
+    (the session's level, default ``"all"``), ``opset`` and ``rtol`` (of :meth:`export`'s verification).
+    On the CPU, layers are timed by their own kernels from ORT's profiler (``layer_scope == "kernels"``).
+    """
 
     name = "onnxruntime"
+    OPTIONS = ("graph_optimization", "opset", "rtol")
+    VERSIONED = ("onnxruntime",)
 
-    def __init__(self, *, threads: int = 1, graph_optimization: Literal["disable", "basic", "extended", "all"]
-                 = "all", opset: int | None = None, rtol: float = 1e-4) -> None:
-        self.threads = threads
-        self.graph_optimization = graph_optimization
-        self.opset = opset
-        self.rtol = rtol
-
-    def export(self, gm: nn.Module, example_inputs: tuple[torch.Tensor, ...], out_dir: Path) -> OnnxArtifact:
-        return export_onnx(gm, example_inputs, Path(out_dir) / "model.onnx", opset=self.opset, rtol=self.rtol)
-
-    def compile(self, artifact: OnnxArtifact, target: Target) -> onnxruntime.InferenceSession:
+    def check_target(self, target: Target) -> None:
         if target.arch != host_arch():
             raise BackendUnavailableError(
                 f"onnxruntime runs models on this {host_arch()} machine only, not {target.arch}; "
                 "use the tvm backend to cross-compile for another architecture")
-        return create_session(artifact.path, device=target.device, threads=self.threads,
-                              graph_optimization=self.graph_optimization)
+        level = self.options.get("graph_optimization", "all")
+        if level not in GRAPH_OPTIMIZATIONS:
+            raise ConfigError(f"unknown graph_optimization {level!r}; known: {', '.join(GRAPH_OPTIMIZATIONS)}"
+                              f"{suggest(str(level), GRAPH_OPTIMIZATIONS)}")
+
+    @property
+    def layer_scope(self) -> LayerScope:
+        return "kernels" if self.target.device == "cpu" else "end_to_end"
+
+    def _source(self, model: Any, inputs: Inputs) -> Any:
+        # Before an export: a missing CUDA execution provider fails at once.
+        check_session_args(device=self.target.device, threads=self.threads,
+                           graph_optimization=self.options.get("graph_optimization", "all"))
+        if isinstance(model, torch.nn.Module):
+            return to_onnx_model(model, tuple(inputs), opset=self.options.get("opset"))
+        return model.path if isinstance(model, OnnxArtifact) else model
+
+    def compile(self, model: Any, example_inputs: Inputs) -> onnxruntime.InferenceSession:
+        return create_session(self._source(model, example_inputs), device=self.target.device, threads=self.threads,
+                              graph_optimization=self.options.get("graph_optimization", "all"))
 
     def run(self, compiled: onnxruntime.InferenceSession, inputs: Inputs) -> list[np.ndarray]:
-        return run(compiled, inputs)
+        return run(compiled, list(inputs))
 
-    def measure(self, compiled: onnxruntime.InferenceSession, inputs: Inputs, *, warmup: int = 5,
-                repeat: int = 20) -> Measurement:
-        return measure(compiled, inputs, warmup=warmup, repeat=repeat)
+    def prepare(self, compiled: onnxruntime.InferenceSession, inputs: Inputs
+                ) -> tuple[Callable[[], object], Callable[[], None] | None]:
+        feed = feeds(compiled, list(inputs))
+        return (lambda: compiled.run(None, feed)), None
+
+    def export(self, model: Any, example_inputs: Inputs, out_dir: str | Path) -> OnnxArtifact:
+        return export_onnx(model, tuple(example_inputs), Path(out_dir) / "model.onnx",
+                           opset=self.options.get("opset"), rtol=self.options.get("rtol", 1e-4))
+
+    def measure_layer(self, layer: GraphModule, inputs: Inputs, *, cold: bool = False) -> Measurement:
+        check_session_args(device=self.target.device, threads=self.threads,
+                           graph_optimization=self.options.get("graph_optimization", "all"))
+        model = to_onnx_model(layer, tuple(inputs), opset=self.options.get("opset"), exporter="torchscript")
+        if self.layer_scope == "kernels":
+            return measure_kernels(model, list(inputs), device=self.target.device,
+                                   threads=self.threads, warmup=self.warmup, repeat=self.repeat,
+                                   flush_bytes=2 * last_level_cache_bytes() if cold else 0)
+        return self.measure(model, inputs)

@@ -200,9 +200,9 @@ class _Counter:
         self.calls: list[tuple[str, object]] = []
         real = onnx_backend._export
 
-        def counting(module, args, opset, optimize, dims):
+        def counting(module, args, opset, optimize, dims, *rest):
             self.calls.append((ir.digest_graph(module), dims))
-            return real(module, args, opset, optimize, dims)
+            return real(module, args, opset, optimize, dims, *rest)
 
         monkeypatch.setattr(onnx_backend, "_export", counting)
         monkeypatch.setattr(onnx_backend, "_EXPORTS", type(onnx_backend._EXPORTS)())
@@ -219,8 +219,8 @@ def test_each_distinct_graph_is_exported_once_per_optimize(monkeypatch, tmp_path
 
     counter = _Counter(monkeypatch)
     res = depthfold.optimize(_cnn(), (torch.randn(1, 3, 8, 8),), ["fold_bn"])
-    res.measure(rounds=2, warmup=1)
-    res.measure(rounds=2, warmup=1)
+    res.measure(rounds=2)
+    res.measure(rounds=2)
     res.save(tmp_path)
     assert len(counter.calls) == len(set(counter.calls)) == 3  # original, optimized (timing), saved artifact
     digests = [d for d, _ in counter.calls]

@@ -154,22 +154,22 @@ def test_probe_times_layers_by_their_kernels_on_ort_cpu_only() -> None:
     assert probe.layer_scope == "kernels" and probe.fingerprint()["layer_scope"] == "kernels"
     assert probe.cache_bytes == last_level_cache_bytes()
     assert LatencyProbe(backend="tvm").layer_scope == "end_to_end"
-    assert LatencyProbe(device="cuda").layer_scope == "end_to_end"
+    assert LatencyProbe(target="cuda").layer_scope == "end_to_end"
 
 
-def test_ort_backend_protocol_round_trip(captured, tmp_path) -> None:
+def test_ort_backend_round_trip(captured, tmp_path) -> None:
     gm, x = captured
-    backend = OrtBackend(threads=1)
+    backend = OrtBackend(threads=1, warmup=0, repeat=2)
     artifact = backend.export(gm, (x,), tmp_path)
     assert artifact.path == tmp_path / "model.onnx" and artifact.max_rel_error is not None
-    session = backend.compile(artifact, Target.host())
-    (out,) = backend.run(session, [x])
-    with torch.no_grad():
-        np.testing.assert_allclose(out, gm(x).numpy(), rtol=1e-4, atol=1e-5)
-    assert backend.measure(session, [x], warmup=0, repeat=2).n == 2
+    for source in (artifact, artifact.path, gm):
+        (out,) = backend.run(backend.compile(source, (x,)), [x])
+        with torch.no_grad():
+            np.testing.assert_allclose(out, gm(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert backend.measure(artifact, [x]).n == 2
     other = "aarch64" if host_arch() == "x86" else "x86"
     with pytest.raises(BackendUnavailableError, match="tvm"):
-        backend.compile(artifact, Target(arch=other))  # type: ignore[arg-type]
+        OrtBackend(Target(arch=other))  # type: ignore[arg-type]
 
 
 def test_target_validates_fields() -> None:
@@ -190,18 +190,20 @@ def test_probe_speedup_times_both_models_interleaved(captured) -> None:
     assert result["reference_ms"] > 0 and result["candidate_ms"] > 0
 
 
-def test_probe_speedup_on_other_backends_alternates_whole_measurements() -> None:
-    from depthfold.backends import LatencyProbe
-
-    class Scripted(LatencyProbe):
-        """Reference 6 ms, candidate 2 ms, but the machine slows down 1.5x every call."""
-
-        def measure(self, model, inputs):  # type: ignore[no-untyped-def]
-            calls.append(model)
-            return {"median_ms": {"ref": 6.0, "cand": 2.0}[model] * 1.5 ** len(calls)}
+def test_remote_speedup_alternates_whole_measurements() -> None:
+    from depthfold.backends import Measurement, TvmBackend
 
     calls: list[str] = []
-    result = Scripted(backend="tvm").speedup("ref", "cand", (), rounds=4)
+
+    def scripted(model, inputs):  # type: ignore[no-untyped-def]
+        """Reference 6 ms, candidate 2 ms, but the machine slows down 1.5x every call."""
+        calls.append(model)
+        ms = {"ref": 6.0, "cand": 2.0}[model] * 1.5 ** len(calls)
+        return Measurement(samples_ms=(ms,), warmup=0, threads=1, backend="tvm", device="cpu")
+
+    backend = TvmBackend("x86", remote="127.0.0.1:9")  # timed over RPC: no call can be timed from here
+    backend.measure = scripted  # type: ignore[method-assign]
+    result = backend.speedup("ref", "cand", (), rounds=4)
     assert calls == ["ref", "cand", "cand", "ref", "ref", "cand", "cand", "ref"]
     # Rounds alternate the order, so drift inflates half the ratios and deflates the other half alike.
     assert (result["p10"], result["p90"]) == pytest.approx((2.0, 4.5))

@@ -26,15 +26,15 @@ helper :func:`run_emulated` runs a library under ``qemu-aarch64-static`` with an
 from __future__ import annotations
 
 from .artifact import Compiled, TensorSpec, TvmArtifact, verify_outputs
-from .build import TARGETS, build, compile, gpu_available, nvcc_available, target_dict
+from .backend import TvmBackend
+from .backend import _cached_build as _cached_build  # the build-cache test reaches it here
+from .build import build, compile, gpu_available, nvcc_available, target_dict, tvm_target
 from .emulation import emulation_root, run_emulated
-from .measure_latency import _cached_build as _cached_build  # the build-cache test reaches it here
-from .measure_latency import measure_module
 from .rpc import parse_remote
 from .run import load, measure, prepare, run, verify
 
 __all__ = [
-    "TARGETS", "TvmArtifact", "Compiled", "compile", "build", "load", "run", "measure", "verify",
-    "target_dict", "parse_remote", "run_emulated", "emulation_root", "measure_module", "nvcc_available",
+    "TvmBackend", "TvmArtifact", "Compiled", "compile", "build", "load", "run", "measure", "verify",
+    "target_dict", "tvm_target", "parse_remote", "run_emulated", "emulation_root", "nvcc_available",
     "gpu_available", "verify_outputs", "TensorSpec", "prepare",
 ]

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ..._atomic import atomic_write, ensure_writable_dir
-from ...errors import ArtifactError, BackendUnavailableError, ConfigError, DepthfoldError, suggest
+from ...errors import ArtifactError, BackendUnavailableError, ConfigError, DepthfoldError
 from ...ir import flatten_outputs
+from ..base import Target
 from ..onnx import to_numpy
 from ._common import _tvm, _workdir, logger
 from .artifact import (
@@ -36,7 +37,6 @@ from .artifact import (
 )
 from .run import run
 
-TARGETS: tuple[str, ...] = ("x86", "aarch64", "cuda")
 _CROSS_CXX = "aarch64-linux-gnu-g++"
 _CROSS_PACKAGE = "g++-aarch64-linux-gnu"
 _DEFAULT_CUDA_ARCH = "sm_80"
@@ -54,11 +54,24 @@ def _host_mcpu() -> str | None:
         return None
 
 
-def target_dict(target: str = "x86", *, mcpu: str | None = None, arch: str | None = None) -> dict[str, Any]:
-    """Return TVM's JSON target dict for a depthfold target name.
+def tvm_target(target: Target | str) -> str:
+    """TVM's name for a :class:`~depthfold.backends.Target` (or any string ``Target.parse`` reads):
+    ``"x86"`` or ``"aarch64"`` for their CPUs, ``"cuda"`` for a GPU with an x86 host."""
+    t = Target.parse("x86-cuda" if target == "cuda" else target)
+    if t.device == "cpu":
+        return t.arch
+    if t.arch == "x86":
+        return "cuda"
+    raise ConfigError(f"the tvm backend compiles CUDA for an x86 host only, not {str(t)!r}; use target='cuda' "
+                      "(x86-cuda) or an aarch64 CPU target")
+
+
+def target_dict(target: Target | str = "x86", *, mcpu: str | None = None, arch: str | None = None
+                ) -> dict[str, Any]:
+    """Return TVM's JSON target dict for a depthfold target.
 
     Args:
-        target: ``"x86"``, ``"aarch64"`` or ``"cuda"``.
+        target: a :class:`~depthfold.backends.Target` or its name: ``"x86"``, ``"aarch64"`` or ``"cuda"``.
         mcpu: LLVM CPU name (``"cortex-a72"``, ``"skylake-avx512"``); x86 default: this machine's CPU,
             aarch64 default: generic ARMv8-A with NEON. For ``"cuda"`` it sets the host CPU.
         arch: CUDA architecture such as ``"sm_90"`` (``"cuda"`` only); default: this machine's GPU, else
@@ -67,9 +80,7 @@ def target_dict(target: str = "x86", *, mcpu: str | None = None, arch: str | Non
     Raises:
         ConfigError: unknown target, an ``arch`` for a CPU target, or a malformed ``arch``.
     """
-    if target not in TARGETS:
-        raise ConfigError(f"unknown tvm target {target!r}; known: {', '.join(TARGETS)}"
-                          f"{suggest(str(target), TARGETS)}")
+    target = tvm_target(target)
     if arch is not None and target != "cuda":
         raise ConfigError(f"arch={arch!r} selects a CUDA architecture and applies to target='cuda' only; "
                           f"use mcpu=... to pick the CPU of target {target!r}")
@@ -349,7 +360,7 @@ def _tuned(mod: Any, target: Any, trials: int, work_dir: Path) -> Any:
 def build(
     source: Any,
     example_inputs: Any = None,
-    target: str = "x86",
+    target: Target | str = "x86",
     *,
     mcpu: str | None = None,
     arch: str | None = None,
@@ -381,6 +392,7 @@ def build(
         raise ConfigError(f"frontend must be 'auto', 'torch' or 'onnx', got {frontend!r}")
     if isinstance(tune_trials, bool) or not isinstance(tune_trials, int) or tune_trials < 0:
         raise ConfigError(f"tune_trials must be an integer >= 0, got {tune_trials!r}")
+    target = tvm_target(target)
     tjson = target_dict(target, mcpu=mcpu, arch=arch)
     if tune_trials and not (target == "x86" and platform.machine().lower() in ("x86_64", "amd64")
                             or target == "cuda" and _local_cuda_arch() is not None):
@@ -528,7 +540,7 @@ def _export_library(executable: Any, target: str, path: Path) -> None:
 def compile(  # noqa: A001  (the backend verb; shadowing the builtin inside this module is intended)
     result_or_module: Any,
     example_inputs: Any = None,
-    target: str = "x86",
+    target: Target | str = "x86",
     *,
     mcpu: str | None = None,
     arch: str | None = None,
@@ -569,6 +581,7 @@ def compile(  # noqa: A001  (the backend verb; shadowing the builtin inside this
             directory cannot be written.
         VerificationError: ``verify`` and the x86 library differs from torch beyond ``rtol``.
     """
+    target = tvm_target(target)
     compiled = build(result_or_module, example_inputs, target, mcpu=mcpu, arch=arch, tune_trials=tune_trials,
                      frontend=frontend)
     out = ensure_writable_dir(Path(out_dir) if out_dir is not None else Path(f"tvm-{target}"))

@@ -28,14 +28,15 @@ from ...errors import ConfigError, PassError
 from ..base import Change, Exactness, PassContext, PassResult, Skip
 from ..common import metrics
 from ..common.calibration import calibration_split
+from ..common.replan import plan_with_feedback
 from ..recover import recalibrate_batch_norm, recover
 from ..registry import register_pass
 from .apply import META_SEGMENT, apply_plan, merge_segments
-from .candidates import Mode, enumerate_choices
+from .candidates import Mode, SegmentChoice, enumerate_choices
 from .importance import build_importance_table
 from .latency_table import build_latency_table
 from .solver import Candidate, InfeasibleBudgetError, Plan, solve_plan
-from .trunk import analyze_trunk
+from .trunk import Trunk, analyze_trunk
 
 __all__ = ["LayerMergeConfig", "layermerge"]
 
@@ -246,61 +247,27 @@ def _solve(candidates: list[Candidate], num_positions: int, budget: float, confi
             budget=target_ms) from err
 
 
-def _plan_with_feedback(gm: GraphModule, trunk, choices, candidates: list[Candidate],  # type: ignore[no-untyped-def]
+def _plan_with_feedback(gm: GraphModule, trunk: Trunk, choices: list[SegmentChoice], candidates: list[Candidate],
                         inputs: tuple[torch.Tensor, ...], context: PassContext, config: LayerMergeConfig, *,
                         target_ms: float, fixed_ms: float, whole_ms: float) -> tuple[Plan, list[dict]]:
-    """Solve, then measure the planned network (merged, untrained weights: latency does not depend on them;
-    timed interleaved with the original, as a speedup, so machine drift cancels) and re-solve with a
-    corrected budget (shifted by the measured error, or interpolated between plans
-    measured on either side of the target), up to ``config.replan`` times.
-
-    Layers timed alone miss effects of the whole network (which weights stay cached, per-node dispatch on
-    tiny layers), so the table's prediction is off by up to ~20% at 224x224 and more on 64x64 MobileNetV2
-    (ORT CPU, benchmarks/results/layermerge.md); the feedback closes that gap on the real backend.
-    Returns the highest-importance measured plan within tolerance of the target (else the fastest one).
-    """
-    budget = target_ms - fixed_ms
+    """Solve, then measure the planned network and re-solve with a corrected budget, up to ``config.replan``
+    times (:func:`~depthfold.passes.common.replan.plan_with_feedback`). The planned network is timed merged
+    with untrained weights (latency does not depend on them), interleaved with the original as a speedup, so
+    machine drift cancels."""
     kwargs = {"target_ms": target_ms, "fixed_ms": fixed_ms, "whole_ms": whole_ms}
-    plan = _solve(candidates, trunk.num_positions, budget, config, **kwargs)
-    attempts: list[dict] = []
-    measured_plans: list[tuple[Plan, float]] = []
-    points: list[tuple[float, float]] = []  # (budget, measured latency) of each measured plan
-    for _ in range(config.replan):
+
+    def measure(plan: Plan) -> float:
         draft, segments = apply_plan(gm, trunk, [choices[c.choice] for c in plan.chosen], share_params=True)
         ir.annotate(draft, inputs)
         merged, _ = merge_segments(draft, segments)
-        measured = whole_ms / context.latency_probe.speedup(gm, merged, inputs)["median"]
-        attempts.append({"budget_ms": budget, "predicted_ms": plan.latency + fixed_ms, "measured_ms": measured,
-                         "log_importance": plan.importance})
-        measured_plans.append((plan, measured))
-        points.append((budget, measured))
-        if abs(measured / target_ms - 1.0) <= config.tolerance:
-            break
-        budget = _next_budget(points, target_ms)
-        try:
-            plan = _solve(candidates, trunk.num_positions, budget, config, **kwargs)
-        except InfeasibleBudgetError:
-            break
-        if any(p.chosen == plan.chosen for p, _ in measured_plans):
-            break
-    if not measured_plans:
-        return plan, attempts
-    within = [(p, m) for p, m in measured_plans if m <= target_ms * (1.0 + config.tolerance)]
-    best = max(within, key=lambda pm: pm[0].importance)[0] if within else min(measured_plans, key=lambda pm: pm[1])[0]
-    return best, attempts
+        return whole_ms / context.latency_probe.speedup(gm, merged, inputs)["median"]
 
-
-def _next_budget(points: list[tuple[float, float]], target_ms: float) -> float:
-    """The budget to try next: interpolated between the closest plans measured faster and slower than the
-    target when there are both, else the last budget shifted by the last plan's measured error."""
-    fast = [p for p in points if p[1] < target_ms]
-    slow = [p for p in points if p[1] > target_ms]
-    if fast and slow:
-        (b0, m0), (b1, m1) = max(fast, key=lambda p: p[1]), min(slow, key=lambda p: p[1])
-        if m1 > m0:
-            return b0 + (target_ms - m0) * (b1 - b0) / (m1 - m0)
-    budget, measured = points[-1]
-    return budget + target_ms - measured
+    result = plan_with_feedback(lambda budget: _solve(candidates, trunk.num_positions, budget, config, **kwargs),
+                                measure, budget=target_ms - fixed_ms, target_ms=target_ms,
+                                tolerance=config.tolerance, rounds=config.replan,
+                                predicted_ms=lambda plan: plan.latency + fixed_ms,
+                                score=lambda plan: plan.importance, identity=lambda plan: plan.chosen)
+    return result.plan, result.attempts
 
 
 def _check_merge(compressed: GraphModule, merged: GraphModule, batch: torch.Tensor,

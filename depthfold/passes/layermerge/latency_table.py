@@ -1,8 +1,8 @@
 """LayerMerge's latency table ``T(s, e, candidate)``, measured on the target backend and cached on disk.
 
-Each candidate replacement of a segment becomes a tiny ONNX model at its real input shape (its conv(s),
-the shortcut add and the trailing activation, batch norm folded as at deployment) and is timed by the
-:class:`~depthfold.backends.LatencyProbe` the API hands the pass (ONNX Runtime CPU by default, TVM, a
+Each candidate replacement of a segment becomes a tiny fx graph at its real input shape (its conv(s), the
+shortcut add and the trailing activation, batch norm folded as at deployment), which the backend lowers
+itself and times through the :class:`~depthfold.backends.LatencyProbe` the API hands the pass (ONNX Runtime CPU by default, TVM, a
 GPU, a remote board). Identical layers are measured once: entries are keyed by the layer's op signature
 and the probe's fingerprint (backend, device, threads, machine, library versions, timing settings) and
 stored one JSON file each with a checksum, so a rerun is instant, an interrupted build resumes, and a
@@ -18,11 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
-from torch.fx import GraphModule
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
 
 from ...cache import cache_dir
 from ...errors import ConfigError
@@ -36,15 +34,13 @@ __all__ = ["LatencyTable", "LayerSpec", "build_latency_table", "choice_spec", "m
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-OPSET = 18
-
 
 @dataclass(frozen=True)
 class LayerSpec:
     """What a candidate costs at deployment: ops applied to an input of ``input_shape``.
 
     ``ops`` entries: ``("conv", out_channels, kh, kw, sh, sw, ph, pw, groups)``,
-    ``("act", onnx_op, params)``, ``("add", shortcut_shape, side_convs)``.
+    ``("act", aten_op, scalar_args)``, ``("add", shortcut_shape, side_convs)`` (at most one add).
     """
 
     input_shape: tuple[int, ...]
@@ -53,104 +49,62 @@ class LayerSpec:
     def signature(self) -> str:
         return json.dumps({"input": list(self.input_shape), "ops": self.ops}, sort_keys=True, default=list)
 
-    def to_onnx(self) -> onnx.ModelProto:
-        """A standalone ONNX model of the layer with random weights (fixed seed)."""
-        rng = np.random.default_rng(0)
-        nodes: list[onnx.NodeProto] = []
-        inits: list[onnx.TensorProto] = []
-        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(self.input_shape))]
+    def to_graph(self) -> GraphModule:
+        """The layer as a standalone fx graph of ATen ops with random weights (fixed seed), taking
+        :meth:`example_inputs`; the backend lowers it like any other model."""
+        generator = torch.Generator().manual_seed(0)
+        root, graph = nn.Module(), Graph()
+        value = graph.placeholder("x")
+        shortcut = graph.placeholder("shortcut") if any(op[0] == "add" for op in self.ops) else None
         counter = iter(range(10_000))
 
-        def conv(value: str, channels: int, op: tuple[Any, ...]) -> tuple[str, int]:
+        def conv(value: Node, channels: int, op: tuple[Any, ...]) -> tuple[Node, int]:
             _, cout, kh, kw, sh, sw, ph, pw, groups = op
             i = next(counter)
-            w = rng.standard_normal((cout, channels // groups, kh, kw), dtype=np.float32) * 0.05
-            inits.append(numpy_helper.from_array(w, f"w{i}"))
-            inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}"))
-            nodes.append(helper.make_node("Conv", [value, f"w{i}", f"b{i}"], [f"c{i}"], kernel_shape=[kh, kw],
-                                          strides=[sh, sw], pads=[ph, pw, ph, pw], group=groups))
-            return f"c{i}", cout
+            weight = torch.randn((cout, channels // groups, kh, kw), generator=generator) * 0.05
+            root.register_buffer(f"w{i}", weight)
+            root.register_buffer(f"b{i}", torch.zeros(cout))
+            node = graph.call_function(aten.conv2d.default, (value, graph.get_attr(f"w{i}"), graph.get_attr(f"b{i}"),
+                                                              [sh, sw], [ph, pw], [1, 1], groups))
+            return node, cout
 
-        value, channels = "x", int(self.input_shape[1])
+        channels = int(self.input_shape[1])
         for op in self.ops:
             if op[0] == "conv":
                 value, channels = conv(value, channels, op)
             elif op[0] == "act":
-                value = _onnx_activation(nodes, inits, value, op[1], op[2], next(counter))
+                value = graph.call_function(_aten_op(op[1]), (value, *op[2]))
             elif op[0] == "add":
                 _, shape, side = op
-                inputs.append(helper.make_tensor_value_info("shortcut", TensorProto.FLOAT, list(shape)))
-                short, short_c = "shortcut", int(shape[1])
+                short, short_channels = shortcut, int(shape[1])
                 for side_op in side:
-                    short, short_c = conv(short, short_c, side_op)
-                i = next(counter)
-                nodes.append(helper.make_node("Add", [value, short], [f"a{i}"]))
-                value = f"a{i}"
-        nodes.append(helper.make_node("Identity", [value], ["y"]))
-        graph = helper.make_graph(nodes, "layer", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                                                          None)], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-        model.ir_version = 8
-        inferred = onnx.shape_inference.infer_shapes(model)
-        model.graph.output[0].CopyFrom(next(v for v in inferred.graph.value_info if v.name == value)
-                                       if value != "x" else inferred.graph.input[0])
-        model.graph.output[0].name = "y"
-        return model
+                    short, short_channels = conv(short, short_channels, side_op)
+                value = graph.call_function(aten.add.Tensor, (value, short))
+        graph.output(value)
+        return GraphModule(root, graph)
 
-    def example_inputs(self) -> tuple[np.ndarray, ...]:
-        rng = np.random.default_rng(1)
-        shapes = [self.input_shape] + [op[1] for op in self.ops if op[0] == "add"]
-        return tuple(rng.standard_normal(s, dtype=np.float32) for s in shapes)
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        generator = torch.Generator().manual_seed(1)
+        shapes = [self.input_shape] + [op[1] for op in self.ops if op[0] == "add"][:1]
+        return tuple(torch.randn(s, generator=generator) for s in shapes)
 
 
-def _onnx_activation(nodes: list, inits: list, value: str, op: str, params: tuple[Any, ...], i: int) -> str:
-    out = f"act{i}"
-    if op == "Clip":
-        lo, hi = params
-        inits.append(numpy_helper.from_array(np.array(lo, np.float32), f"lo{i}"))
-        inits.append(numpy_helper.from_array(np.array(hi, np.float32), f"hi{i}"))
-        nodes.append(helper.make_node("Clip", [value, f"lo{i}", f"hi{i}"], [out]))
-    elif op == "Silu":
-        nodes.append(helper.make_node("Sigmoid", [value], [f"sg{i}"]))
-        nodes.append(helper.make_node("Mul", [value, f"sg{i}"], [out]))
-    elif op == "Gelu":  # erf form (ONNX Gelu needs opset 20, which not every backend imports)
-        inits.append(numpy_helper.from_array(np.array(1 / np.sqrt(2), np.float32), f"r{i}"))
-        inits.append(numpy_helper.from_array(np.array(1.0, np.float32), f"one{i}"))
-        inits.append(numpy_helper.from_array(np.array(0.5, np.float32), f"half{i}"))
-        nodes.append(helper.make_node("Mul", [value, f"r{i}"], [f"g0{i}"]))
-        nodes.append(helper.make_node("Erf", [f"g0{i}"], [f"g1{i}"]))
-        nodes.append(helper.make_node("Add", [f"g1{i}", f"one{i}"], [f"g2{i}"]))
-        nodes.append(helper.make_node("Mul", [value, f"g2{i}"], [f"g3{i}"]))
-        nodes.append(helper.make_node("Mul", [f"g3{i}", f"half{i}"], [out]))
-    else:
-        attrs = dict(params)
-        nodes.append(helper.make_node(op, [value], [out], **attrs))
-    return out
+def _aten_op(name: str) -> Any:
+    """``"relu.default"`` -> ``torch.ops.aten.relu.default``."""
+    op, overload = name.split(".")
+    return getattr(getattr(aten, op), overload)
 
 
 def _activation_op(node: torch.fx.Node) -> tuple[Any, ...]:
-    """The ONNX op (and parameters) an activation node becomes."""
-    t, args = node.target, node.args
-    if t in (aten.relu.default, aten.relu_.default):
-        return ("act", "Relu", ())
-    if t is aten.relu6.default:
-        return ("act", "Clip", (0.0, 6.0))
-    if t in (aten.hardtanh.default, aten.hardtanh_.default):
-        return ("act", "Clip", (float(args[1]) if len(args) > 1 else -1.0, float(args[2]) if len(args) > 2 else 1.0))
-    if t in (aten.silu.default, aten.silu_.default):
-        return ("act", "Silu", ())
-    if t is aten.gelu.default:
-        return ("act", "Gelu", ())
-    if t in (aten.leaky_relu.default, aten.leaky_relu_.default):
-        return ("act", "LeakyRelu", (("alpha", float(args[1]) if len(args) > 1 else 0.01),))
-    if t in (aten.hardsigmoid.default,):
-        return ("act", "HardSigmoid", (("alpha", 1 / 6), ("beta", 0.5)))
-    simple = {aten.sigmoid.default: "Sigmoid", aten.tanh.default: "Tanh", aten.hardswish.default: "HardSwish",
-              aten.hardswish_.default: "HardSwish", aten.elu.default: "Elu", aten.softplus.default: "Softplus",
-              aten.mish.default: "Mish", aten.selu.default: "Selu"}
-    if t in simple:
-        return ("act", simple[t], ())
-    return ("act", "Relu", ())  # an elementwise op of similar cost
+    """The activation as ``("act", "<aten op>.<overload>", scalar args)``, in its out-of-place form; an op
+    with tensor arguments besides its input (none of the trunk's activations) is costed as a ReLU."""
+    target = node.target
+    scalars = node.args[1:]
+    if isinstance(target, torch._ops.OpOverload) and all(isinstance(a, (int, float, bool)) for a in scalars):
+        name = target._opname.removesuffix("_")
+        if hasattr(aten, name) and hasattr(getattr(aten, name), target._overloadname):
+            return ("act", f"{name}.{target._overloadname}", tuple(scalars))
+    return ("act", "relu.default", ())
 
 
 def _conv_op(layer: Layer) -> tuple[Any, ...]:
@@ -188,7 +142,7 @@ def _overhead_spec(spec: LayerSpec) -> LayerSpec:
 
 def measure_spec(spec: LayerSpec, probe: Any, cold: bool = False) -> dict[str, Any]:
     """Time one layer with ``probe.measure_layer`` (a job: runs in worker processes too)."""
-    return probe.measure_layer(spec.to_onnx(), tuple(torch.from_numpy(a) for a in spec.example_inputs()), cold=cold)
+    return probe.measure_layer(spec.to_graph(), spec.example_inputs(), cold=cold)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""LayerMerge's latency table: the ONNX layer models it times, the checksummed disk cache, executors."""
+"""LayerMerge's latency table: the fx layer graphs it times, the checksummed disk cache, executors."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 
 from depthfold.backends import LatencyProbe
 from depthfold.errors import ConfigError
@@ -23,7 +21,7 @@ from depthfold.passes.layermerge.trunk import analyze_trunk
 
 from .helpers import UnseenCNN, capture
 
-# ------------------------------------------------------------------------------------- LayerSpec.to_onnx
+# ------------------------------------------------------------------------------------ LayerSpec.to_graph
 
 
 def conv_op(cout: int, k: int, stride: int = 1, groups: int = 1) -> tuple:
@@ -31,71 +29,86 @@ def conv_op(cout: int, k: int, stride: int = 1, groups: int = 1) -> tuple:
 
 
 ACTIVATIONS = {
-    "Relu": F.relu,
-    "Clip": F.relu6,
-    "HardSwish": F.hardswish,
-    "Silu": F.silu,
-    "Gelu": F.gelu,
+    "relu.default": F.relu,
+    "hardtanh.default": lambda t, lo, hi: t.clamp(lo, hi),
+    "hardswish.default": F.hardswish,
+    "silu.default": F.silu,
+    "gelu.default": F.gelu,
 }
 
 SPECS = {
-    "conv_relu": LayerSpec((1, 4, 8, 8), (conv_op(6, 3), ("act", "Relu", ()))),
-    "conv_relu6": LayerSpec((1, 4, 8, 8), (conv_op(6, 3), ("act", "Clip", (0.0, 6.0)))),
-    "depthwise_hardswish": LayerSpec((1, 8, 8, 8), (conv_op(8, 3, groups=8), ("act", "HardSwish", ()))),
+    "conv_relu": LayerSpec((1, 4, 8, 8), (conv_op(6, 3), ("act", "relu.default", ()))),
+    "conv_relu6": LayerSpec((1, 4, 8, 8), (conv_op(6, 3), ("act", "hardtanh.default", (0.0, 6.0)))),
+    "depthwise_hardswish": LayerSpec((1, 8, 8, 8), (conv_op(8, 3, groups=8), ("act", "hardswish.default", ()))),
     "add_projection_relu": LayerSpec((1, 4, 8, 8), (conv_op(8, 3, stride=2), ("add", (1, 4, 8, 8),
-                                                     (conv_op(8, 1, stride=2),)), ("act", "Relu", ()))),
-    "conv_silu": LayerSpec((1, 4, 8, 8), (conv_op(4, 1), ("act", "Silu", ()))),
-    "conv_gelu": LayerSpec((1, 4, 8, 8), (conv_op(4, 5), ("act", "Gelu", ()))),
+                                                     (conv_op(8, 1, stride=2),)), ("act", "relu.default", ()))),
+    "conv_silu": LayerSpec((1, 4, 8, 8), (conv_op(4, 1), ("act", "silu.default", ()))),
+    "conv_gelu": LayerSpec((1, 4, 8, 8), (conv_op(4, 5), ("act", "gelu.default", ()))),
 }
 
 
-def torch_reference(spec: LayerSpec, model: onnx.ModelProto, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
-    """The layer computed with torch from the ONNX model's own weights (conv initialisers in order)."""
-    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
+def torch_reference(spec: LayerSpec, layer: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The layer computed with torch.nn.functional from the graph's own weights (conv tensors in order)."""
     counter = iter(range(100))
 
     def conv(value: torch.Tensor, op: tuple) -> torch.Tensor:
         _, _, _, _, sh, sw, ph, pw, groups = op
         i = next(counter)
-        return F.conv2d(value, weights[f"w{i}"], weights[f"b{i}"], (sh, sw), (ph, pw), groups=groups)
+        return F.conv2d(value, getattr(layer, f"w{i}"), getattr(layer, f"b{i}"), (sh, sw), (ph, pw), groups=groups)
 
-    value = torch.from_numpy(inputs[0])
+    value = inputs[0]
     for op in spec.ops:
         if op[0] == "conv":
             value = conv(value, op)
         elif op[0] == "act":
-            if op[1] == "Clip":
-                value = value.clamp(*op[2])
-            else:
-                value = ACTIVATIONS[op[1]](value)
+            value = ACTIVATIONS[op[1]](value, *op[2])
         elif op[0] == "add":
-            short = torch.from_numpy(inputs[1])
+            short = inputs[1]
             for side in op[2]:
                 short = conv(short, side)
             value = value + short
-    return value.numpy()
+    return value
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_layer_spec_to_onnx_passes_the_checker(name: str) -> None:
-    onnx.checker.check_model(SPECS[name].to_onnx())
-
-
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_layer_spec_to_onnx_runs_and_matches_torch(name: str) -> None:
+def test_layer_spec_graph_computes_the_layer(name: str) -> None:
     spec = SPECS[name]
-    model = spec.to_onnx()
-    assert [o.name for o in model.graph.output] == ["y"]
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    inputs = spec.example_inputs()
-    feeds = {i.name: a for i, a in zip(session.get_inputs(), inputs)}
-    assert list(feeds) == ["x", "shortcut"][:len(inputs)]
-    (out,) = session.run(None, feeds)
-    want = torch_reference(spec, model, inputs)
-    assert out.shape == want.shape
+    layer, inputs = spec.to_graph(), spec.example_inputs()
+    assert [n.name for n in layer.graph.nodes if n.op == "placeholder"] == ["x", "shortcut"][:len(inputs)]
+    with torch.no_grad():
+        out = layer(*inputs)
     expected_shape = {"add_projection_relu": (1, 8, 4, 4), "depthwise_hardswish": (1, 8, 8, 8)}.get(name)
-    assert out.shape == (expected_shape or (1, spec.ops[0][1], 8, 8))
-    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+    assert tuple(out.shape) == (expected_shape or (1, spec.ops[0][1], 8, 8))
+    torch.testing.assert_close(out, torch_reference(spec, layer, inputs))
+    assert torch.equal(spec.to_graph().w0, layer.w0)  # fixed seed: the same layer every time
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_layer_spec_graph_lowers_to_onnx_that_matches_torch(name: str) -> None:
+    from depthfold.backends import to_onnx_model
+
+    spec = SPECS[name]
+    layer, inputs = spec.to_graph(), spec.example_inputs()
+    model = to_onnx_model(layer, inputs, exporter="torchscript")  # checked by onnx.checker
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+    (out,) = session.run(None, feeds)
+    with torch.no_grad():
+        np.testing.assert_allclose(out, layer(*inputs).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_activation_ops_are_read_from_the_trunk_nodes() -> None:
+    from depthfold.passes.layermerge.latency_table import _activation_op
+
+    class Acts(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.leaky_relu(F.relu6(torch.relu_(x * 1.0)), 0.2)
+
+    gm = torch.export.export(Acts(), (torch.randn(2, 3),)).module()
+    ops = [_activation_op(n) for n in gm.graph.nodes if n.op == "call_function" and "mul" not in str(n.target)]
+    assert ("act", "relu.default", ()) in ops  # relu_ costed as its out-of-place form
+    assert ("act", "relu6.default", ()) in ops
+    assert ("act", "leaky_relu.default", (0.2,)) in ops
 
 
 def test_layer_spec_signature_is_stable_and_distinguishes_layers() -> None:
