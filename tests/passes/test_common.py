@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from depthfold.data import Samples
-from depthfold.errors import ConfigError
+from depthfold.errors import ConfigError, InfeasibleBudgetError
 from depthfold.passes.common import METRICS, batched_outputs, calibration_split, evaluate
 
 X = torch.randn(60, 3, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -100,3 +100,61 @@ def test_batched_outputs_feeds_every_input_and_takes_logits() -> None:
     out = batched_outputs(TwoIn(), s, batch_size=3)
     assert torch.equal(out, torch.arange(10.0).reshape(10, 1) + 1)
     assert not math.isnan(float(out.sum()))
+
+
+# ---------------------------------------------------------------------------------- measured replanning
+
+
+def _stepped_solver(step: float = 1.0):  # type: ignore[no-untyped-def]
+    """Plans are latencies on a grid (the largest grid point within budget); a plan's score grows with its
+    latency (a slower plan keeps more of the network)."""
+    def solve(budget: float) -> float:
+        if budget < step:
+            raise InfeasibleBudgetError(f"nothing fits {budget}", min_latency=step, budget=budget)
+        return step * int(budget / step)
+    return solve
+
+
+def test_replanning_corrects_a_biased_prediction() -> None:
+    from depthfold.passes.common import plan_with_feedback
+
+    measured: list[float] = []
+
+    def measure(plan: float) -> float:  # the network runs 25% slower than its table predicts
+        measured.append(plan)
+        return 1.25 * plan
+
+    result = plan_with_feedback(_stepped_solver(), measure, budget=40.0, target_ms=40.0, tolerance=0.02, rounds=5,
+                                predicted_ms=lambda p: p, score=lambda p: p)
+    assert result.plan == 32.0 and 1.25 * result.plan == 40.0
+    assert [a["budget_ms"] for a in result.attempts] == [40.0, 30.0, 32.0]  # shifted, then interpolated
+    assert [a["measured_ms"] for a in result.attempts] == [50.0, 37.5, 40.0]
+    assert result.attempts[0]["predicted_ms"] == 40.0 and result.attempts[2]["score"] == 32.0
+
+
+def test_replanning_keeps_the_best_scoring_plan_within_tolerance_and_stops_on_a_repeat() -> None:
+    from depthfold.passes.common import next_budget, plan_with_feedback
+
+    # A coarse grid: the plan at budget 40 measures too slow, the one at 30 too fast but within the target;
+    # the slow one scores higher but misses the target, so the fast one is kept, and the interpolated
+    # budget gives plan 40 again, which ends the search.
+    times = {30.0: 25.0, 40.0: 42.0}
+    result = plan_with_feedback(_stepped_solver(10.0), times.__getitem__, budget=35.0, target_ms=35.0,
+                                tolerance=0.05, rounds=6, predicted_ms=lambda p: p, score=lambda p: p)
+    assert result.plan == 30.0
+    assert [(a["budget_ms"], a["measured_ms"]) for a in result.attempts] == [(35.0, 25.0), (45.0, 42.0)]
+    # Interpolation between the closest plans measured on either side of the target.
+    assert next_budget([(30.0, 39.0), (20.0, 26.0)], 35.0) == pytest.approx(20.0 + 9.0 * 10.0 / 13.0)
+    assert next_budget([(30.0, 39.0)], 35.0) == 26.0
+
+
+def test_replanning_without_rounds_and_an_infeasible_first_solve() -> None:
+    from depthfold.passes.common import plan_with_feedback
+
+    calls: list[float] = []
+    result = plan_with_feedback(_stepped_solver(), lambda p: calls.append(p) or p, budget=7.5, target_ms=7.5,
+                                tolerance=0.05, rounds=0, predicted_ms=lambda p: p, score=lambda p: p)
+    assert result.plan == 7.0 and result.attempts == [] and calls == []
+    with pytest.raises(InfeasibleBudgetError):
+        plan_with_feedback(_stepped_solver(), lambda p: p, budget=0.5, target_ms=0.5, tolerance=0.05, rounds=3,
+                           predicted_ms=lambda p: p, score=lambda p: p)
