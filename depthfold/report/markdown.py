@@ -66,8 +66,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"(relative {_num(onnx_info.get('max_rel_error'))})."]
     latency = report.get("latency")
     if latency:
-        lines += ["", f"## Latency ({latency['backend']}, {latency['device']}, {latency['threads']} thread(s), "
-                  f"{latency['rounds']} interleaved rounds of {latency.get('calls_per_sample', 1)} call(s))", "",
+        lines += ["", f"## Latency ({latency['backend']}, {latency.get('target', latency['device'])}, "
+                  f"{latency['threads']} thread(s), {latency['rounds']} interleaved rounds of {latency.get('calls_per_sample', 1)} call(s))", "",
                   "| model | median ms | p90 ms | n |", "|---|---|---|---|"]
         for name, m in latency["measurements"].items():
             lines.append(f"| {name} | {m['median_ms']:.3f} | {m['p90_ms']:.3f} | {m['n']} |")
@@ -80,7 +80,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 def _layermerge_section(d: dict[str, Any]) -> list[str]:
     lat, acc, tables = d["latency"], d["accuracy"], d["tables"]
     lines = ["", f"## LayerMerge ({d['mode']} mode, {tables['importance']['estimator']} importance)", "",
-             f"Latency on {tables['latency']['probe'].get('backend')}/{tables['latency']['probe'].get('device')}: "
+             f"Latency on {tables['latency']['probe'].get('backend')}/{tables['latency']['probe'].get('target')}: "
              f"original {lat['original_ms']:.3f} ms, predicted {lat['predicted_ms']:.3f} ms "
              f"({lat['predicted_speedup']:.2f}×), measured {lat['measured_ms']:.3f} ms "
              f"({lat['measured_speedup']:.2f}×).",
