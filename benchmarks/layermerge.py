@@ -1,6 +1,6 @@
 """LayerMerge end to end on ONNX Runtime CPU: speedup targets, accuracy after recovery, pipeline time.
 
-Sections (each optional, ``--sections latency,accuracy,pipeline``):
+Sections (each optional, ``--sections latency,accuracy,pipeline,importance_executors``):
 
 * ``latency`` — zoo MobileNetV2-1.0 and ResNet-34 (random weights), batch 1, 224x224, targets 1.3 / 1.6 /
   2.0: the DP's predicted speedup vs the speedup of the exported ONNX models timed interleaved (original
@@ -11,6 +11,9 @@ Sections (each optional, ``--sections latency,accuracy,pipeline``):
   table build times.
 * ``pipeline`` — the full pipeline (local estimator, solve, apply, recover, merge, export) for digits
   ResNet-34 at 64x64 with a cold latency cache, then again warm.
+* ``importance_executors`` — the digits ResNet-34 importance table at 64x64 (``local`` estimator, the pass's
+  default settings as in ``accuracy``, no cache) built serially in this process and as jobs on a local Ray
+  (``ray.init(num_cpus=--ray-cpus)``): both build times, and whether the two tables match.
 
 Writes ``benchmarks/results/layermerge.{json,md}``.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -134,6 +138,52 @@ def bench_pipeline(resolution: int) -> dict:
             "test_accuracy": evaluate_accuracy(result.module, test)}
 
 
+def bench_importance_executors(resolution: int, ray_cpus: int) -> dict:
+    import ray
+
+    from depthfold import ir
+    from depthfold.passes.common.calibration import calibration_split
+    from depthfold.passes.layermerge import LayerMergeConfig
+    from depthfold.passes.layermerge.candidates import enumerate_choices
+    from depthfold.passes.layermerge.importance import build_importance_table
+    from depthfold.passes.layermerge.trunk import analyze_trunk
+
+    train, test = digits_datasets(resolution=resolution)
+    model = pretrained_digits("resnet34", resolution=resolution)
+    x = test.tensors[0][:1]
+    gm = ir.capture(model, (x,)).graph_module
+    config = LayerMergeConfig()  # what the accuracy section's `layermerge:speedup=1.5,importance=local` uses
+    trunk = analyze_trunk(gm)
+    choices = enumerate_choices(trunk, mode=config.mode, max_span=config.max_span, max_kernel=config.max_kernel)
+    calib = calibration_split(train, (x,), names=ir.input_names(gm), eval_samples=config.eval_samples,
+                              train_samples=config.train_samples, batch_size=config.batch_size)
+
+    def build(executor: str):
+        return build_importance_table(gm, trunk, choices, calib, estimator="local", steps=config.importance_steps,
+                                      lr=config.lr, use_cache=False, executor=executor)
+
+    serial = build("serial")
+    print(f"importance serial: {serial.seconds:.0f} s", flush=True)
+    start = time.perf_counter()
+    ray.init(num_cpus=ray_cpus, include_dashboard=False)
+    ray_init_s = time.perf_counter() - start
+    try:
+        on_ray = build("ray")
+    finally:
+        ray.shutdown()
+    print(f"importance ray ({ray_cpus} CPUs): {on_ray.seconds:.0f} s", flush=True)
+    pairs = list(zip(serial.metric, on_ray.metric))
+    return {
+        "model": "resnet34", "resolution": resolution, "estimator": "local", "steps": config.importance_steps,
+        "candidates": len(choices), "scored": sum(serial.ran_on.values()), "trained": serial.trained,
+        "serial_s": serial.seconds, "serial_torch_threads": torch.get_num_threads(),
+        "ray_s": on_ray.seconds, "ray_init_s": ray_init_s, "ray_cpus": ray_cpus, "ray_workers": len(on_ray.ran_on),
+        "tables_match": all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in pairs)
+        and serial.accuracy == on_ray.accuracy,
+        "max_abs_metric_diff": max(abs(a - b) for a, b in pairs),
+    }
+
+
 def to_markdown(payload: dict) -> str:
     env = payload["environment"]
     lines = ["# LayerMerge on ONNX Runtime CPU", "",
@@ -171,12 +221,24 @@ def to_markdown(payload: dict) -> str:
         lines += ["## Full pipeline, digits ResNet-34 64x64 (local estimator, recover, merge, export)", "",
                   f"Cold latency cache: **{p['cold_s']:.0f} s**; warm: **{p['warm_s']:.0f} s**; "
                   f"test accuracy {p['test_accuracy']:.4f}.", ""]
+    if payload.get("importance_executors"):
+        r = payload["importance_executors"]
+        lines += ["## Importance table, serial vs Ray (digits ResNet-34 64x64, local estimator)", "",
+                  f"{r['candidates']} candidates, {r['scored']} scored ({r['trained']} trained, {r['steps']} steps), "
+                  "no cache. Serial: in this process with "
+                  f"{r['serial_torch_threads']} torch threads; Ray: jobs on a local `ray.init(num_cpus={r['ray_cpus']})` "
+                  f"({r['ray_workers']} worker processes, one torch thread each; Ray's {r['ray_init_s']:.0f} s start-up "
+                  "not included).", "",
+                  "| build | seconds |", "|---|---|",
+                  f"| serial | {r['serial_s']:.0f} |", f"| ray | {r['ray_s']:.0f} |", "",
+                  f"Tables match (rtol 1e-5, atol 1e-6; accuracies equal): **{r['tables_match']}** "
+                  f"(max metric difference {r['max_abs_metric_diff']:.1e}).", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="latency,accuracy,pipeline")
+    parser.add_argument("--sections", default="latency,accuracy,pipeline,importance_executors")
     parser.add_argument("--latency-models", default="mobilenetv2_100,resnet34")
     parser.add_argument("--targets", default="1.3,1.6,2.0")
     parser.add_argument("--accuracy-models", default="resnet34,mobilenetv2_100")
@@ -185,6 +247,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--finetune-steps", type=int, default=10,
                         help="steps per candidate for the finetune estimator (its whole-network cost)")
+    parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray for importance_executors")
     parser.add_argument("--out", default=str(RESULTS / "layermerge"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -203,6 +266,8 @@ def main() -> None:
         payload["accuracy"] += rows
     if "pipeline" in sections:
         payload["pipeline"] = bench_pipeline(args.resolution)
+    if "importance_executors" in sections:
+        payload["importance_executors"] = bench_importance_executors(args.resolution, args.ray_cpus)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     out.with_suffix(".md").write_text(to_markdown(payload))

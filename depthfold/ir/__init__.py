@@ -16,6 +16,7 @@ from .capture import (
 from .digest import digest_graph, digest_tensors
 from .graph import (
     META_DTYPE,
+    META_DYNAMIC_DIMS,
     META_FROM,
     META_MODULE_PATH,
     META_MODULE_TYPE,
@@ -34,6 +35,7 @@ from .graph import (
     shape_of,
     to_module,
 )
+from .serialize import PortableGraph, graph_from_bytes, graph_to_bytes
 from .stats import graph_stats, op_histogram
 from .verify import (
     TOLERANCE,
@@ -57,11 +59,11 @@ from .view import (
 )
 
 __all__ = [
-    "CapturedModel", "ErrorStats", "META_DTYPE", "META_FROM", "META_MODULE_PATH", "META_MODULE_TYPE",
-    "META_SHAPE", "RepeatedBlocks", "ResidualBlock", "TOLERANCE", "annotate", "attention_sites",
+    "CapturedModel", "ErrorStats", "META_DTYPE", "META_DYNAMIC_DIMS", "META_FROM", "META_MODULE_PATH", "META_MODULE_TYPE",
+    "META_SHAPE", "PortableGraph", "RepeatedBlocks", "ResidualBlock", "TOLERANCE", "annotate", "attention_sites",
     "capture", "check_equivalent", "clone", "compare_outputs", "compute_nodes", "describe_inputs", "digest_graph", "digest_tensors", "dynamic_dims", "free_dims", "input_names",
     "split_inputs",
-    "flatten_outputs", "get_param", "graph_stats", "is_shared", "ownership_problem", "set_param", "immediate_dominators", "linear_chains",
+    "flatten_outputs", "get_param", "graph_from_bytes", "graph_stats", "graph_to_bytes", "is_shared", "ownership_problem", "set_param", "immediate_dominators", "linear_chains",
     "locate_divergence", "module_path", "new_param", "normalize_inputs", "op_histogram", "ops",
     "prune_unused_attributes", "random_inputs_like", "record_origin", "repeated_blocks",
     "residual_blocks", "shape_of", "structural_check", "to_module", "to_networkx",

@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..errors import CaptureError, ConfigError, suggest
-from .graph import META_MODULE_PATH, META_MODULE_TYPE, annotate
+from .graph import META_DYNAMIC_DIMS, META_MODULE_PATH, META_MODULE_TYPE, annotate
 
 __all__ = ["CapturedModel", "capture", "describe_inputs", "dynamic_dims", "free_dims", "input_names", "normalize_inputs", "split_inputs"]
 
@@ -156,6 +156,8 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True,
             node.meta[META_MODULE_TYPE] = module_type if isinstance(module_type, str) else module_type.__name__
         else:
             node.meta.setdefault(META_MODULE_PATH, "")
+        if node.op == "placeholder":
+            node.meta[META_DYNAMIC_DIMS] = _symbolic_dims(node)
     annotate(gm, inputs)
     names = input_names(gm)
     report["dims"] = {n: list(d) for n, d in zip(names, dynamic_dims(gm)) if d}
@@ -168,14 +170,15 @@ def input_names(gm: GraphModule) -> tuple[str, ...]:
 
 
 def dynamic_dims(gm: GraphModule) -> tuple[tuple[int, ...], ...]:
-    """Per graph input (placeholder order), the dimensions captured dynamic (symbolic in ``meta["val"]``)."""
-    out = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            val = node.meta.get("val")
-            shape = getattr(val, "shape", ())
-            out.append(tuple(d for d, size in enumerate(shape) if isinstance(size, torch.SymInt)))
-    return tuple(out)
+    """Per graph input (placeholder order), the dimensions captured dynamic (recorded at capture as
+    ``depthfold.dynamic_dims``, else read from export's symbolic ``meta["val"]``)."""
+    return tuple(tuple(n.meta.get(META_DYNAMIC_DIMS, _symbolic_dims(n))) for n in gm.graph.nodes
+                 if n.op == "placeholder")
+
+
+def _symbolic_dims(placeholder: torch.fx.Node) -> tuple[int, ...]:
+    shape = getattr(placeholder.meta.get("val"), "shape", ())
+    return tuple(d for d, size in enumerate(shape) if isinstance(size, torch.SymInt))
 
 
 def free_dims(gm: GraphModule) -> tuple[tuple[int, ...], ...]:

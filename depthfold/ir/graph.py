@@ -2,8 +2,9 @@
 
 Every node carries namespaced metadata (``node.meta["depthfold.<key>"]``):
 ``depthfold.shape`` / ``depthfold.dtype`` (output tensor, or a tuple of them for multi-output ops),
-``depthfold.module_path`` / ``depthfold.module_type`` (the ``nn.Module`` the op came from), and on
-nodes created by a pass ``depthfold.from`` = ``(pass_name, (source node names, ...))``.
+``depthfold.module_path`` / ``depthfold.module_type`` (the ``nn.Module`` the op came from), on
+nodes created by a pass ``depthfold.from`` = ``(pass_name, (source node names, ...))``, and on placeholders
+``depthfold.dynamic_dims`` (the input's dimensions captured dynamic).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.fx import GraphModule, Interpreter, Node
 
 __all__ = [
     "META_DTYPE",
+    "META_DYNAMIC_DIMS",
     "META_FROM",
     "META_MODULE_PATH",
     "META_MODULE_TYPE",
@@ -42,6 +44,7 @@ META_DTYPE = "depthfold.dtype"
 META_MODULE_PATH = "depthfold.module_path"
 META_MODULE_TYPE = "depthfold.module_type"
 META_FROM = "depthfold.from"
+META_DYNAMIC_DIMS = "depthfold.dynamic_dims"
 
 
 def clone(gm: GraphModule) -> GraphModule:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.fx import Node
 
+from .graph import shape_of
+
 __all__ = [
     "ConvParams",
     "NodeKind",
@@ -190,7 +192,9 @@ def conv_params(node: Node) -> ConvParams:
     if padding == "valid":
         padding = 0
     elif padding == "same":
-        kernel = tuple(node.args[1].meta["val"].shape[2:])  # type: ignore[union-attr]
+        weight: Node = node.args[1]  # type: ignore[assignment]
+        # Recorded shapes first: a graph read back from bytes has no export ``val`` metadata.
+        kernel = tuple((shape_of(weight) or tuple(weight.meta["val"].shape))[2:])
         total = [d * (k - 1) for d, k in zip(dilation, kernel)]
         # Symmetric 'same' padding is ordinary integer padding; odd totals pad asymmetrically.
         padding = tuple(t // 2 for t in total) if all(t % 2 == 0 for t in total) else "same"

@@ -1,8 +1,12 @@
-"""The shared machinery of approximate passes: calibration splits and the metric registry."""
+"""The shared machinery of approximate passes: calibration splits, the metric registry and table jobs."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import math
+import multiprocessing
+import os
+import sys
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from depthfold.data import Samples
 from depthfold.errors import ConfigError, InfeasibleBudgetError
-from depthfold.passes.common import METRICS, batched_outputs, calibration_split, evaluate
+from depthfold.passes.common import METRICS, batched_outputs, calibration_split, evaluate, run_jobs
 
 X = torch.randn(60, 3, 4, 4, generator=torch.Generator().manual_seed(0))
 Y = torch.arange(60) % 5
@@ -158,3 +162,74 @@ def test_replanning_without_rounds_and_an_infeasible_first_solve() -> None:
     with pytest.raises(InfeasibleBudgetError):
         plan_with_feedback(_stepped_solver(), lambda p: p, budget=0.5, target_ms=0.5, tolerance=0.05, rounds=3,
                            predicted_ms=lambda p: p, score=lambda p: p)
+
+
+def _offset_job(shared: dict, x: int) -> tuple[int, int, int]:
+    return shared["offset"] + x, id(shared), os.getpid()
+
+
+def test_run_jobs_hands_shared_data_as_it_is_to_jobs_in_this_process() -> None:
+    shared = {"offset": 10}
+    want = {0: (11, id(shared), os.getpid()), 1: (12, id(shared), os.getpid())}
+    got: dict = {}
+    assert run_jobs(_offset_job, [(1,), (2,)], got.__setitem__, shared=shared, executor="serial") == "serial"
+    assert got == want
+    got.clear()
+    with cf.ThreadPoolExecutor(2) as pool:
+        assert run_jobs(_offset_job, [(1,), (2,)], got.__setitem__, shared=shared, executor=pool) == "ThreadPoolExecutor"
+    assert got == want
+
+
+class _Unpicklable:
+    offset = 100
+
+    def __getitem__(self, key: str) -> int:
+        return getattr(self, key)
+
+    def __reduce__(self):
+        raise TypeError("shared data was pickled")
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method")
+def test_run_jobs_gives_forked_pool_workers_the_shared_data_without_pickling_it(monkeypatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # two workers, whatever this machine has
+    got: dict = {}
+    assert run_jobs(_offset_job, [(i,) for i in range(6)], got.__setitem__, shared=_Unpicklable()) == "process"
+    assert [got[i][0] for i in range(6)] == [100 + i for i in range(6)]
+    assert os.getpid() not in {pid for _, _, pid in got.values()}
+
+
+class _LoggedShared:
+    """Shared data that notes, in a file, each process it is unpickled in."""
+
+    def __init__(self, log: str) -> None:
+        self.log = log
+        self.offset = 10
+
+    def __getitem__(self, key: str) -> int:
+        return getattr(self, key)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+@pytest.mark.slow
+def test_run_jobs_on_ray_reads_shared_data_once_per_worker(tmp_path) -> None:
+    ray = pytest.importorskip("ray")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on the workers' path
+    log = tmp_path / "unpickled"
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        got: dict = {}
+        assert run_jobs(_offset_job, [(i,) for i in range(8)], got.__setitem__, shared=_LoggedShared(str(log)),
+                        executor="ray") == "ray"
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert [got[i][0] for i in range(8)] == [10 + i for i in range(8)]
+    workers = {pid for _, _, pid in got.values()}
+    assert os.getpid() not in workers
+    unpickled = log.read_text().split()
+    assert sorted(unpickled) == sorted(str(pid) for pid in workers)  # once per worker, not once per job

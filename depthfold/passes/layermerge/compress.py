@@ -134,7 +134,7 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
                                  for _ in range(_WHOLE_MEASUREMENTS))
     importance = build_importance_table(gm, trunk, choices, calib, estimator=config.importance,
                                         steps=config.importance_steps, lr=config.lr, use_cache=config.use_cache,
-                                        progress=context.progress)
+                                        executor=context.executor, progress=context.progress)
 
     originals = {c.start: i for i, c in enumerate(choices)
                  if c.end == c.start + 1 and c.kind in ("original", "barrier")}

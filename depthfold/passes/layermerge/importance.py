@@ -12,6 +12,9 @@ more segments whatever their accuracy. Three estimators:
   candidates (nothing merged to train) are measured as in ``zero_shot``;
 * ``finetune`` — paper-faithful and slow: the whole candidate network is briefly fine-tuned towards the
   original with distillation (:func:`depthfold.recover`), then measured.
+
+Each candidate is scored by an independent job over plain data (the graph travels as
+:class:`~depthfold.ir.PortableGraph`), so the table can be built on a process pool or a Ray cluster.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,9 +36,10 @@ from torch.fx.graph import CodeGen
 from ...cache import cache_dir
 from ...data import Samples
 from ...errors import ConfigError
-from ...ir import digest_graph, digest_tensors, flatten_outputs
+from ...ir import PortableGraph, digest_graph, digest_tensors, flatten_outputs
 from ..common import metrics
 from ..common.calibration import Calibration
+from ..common.jobs import job_location, run_jobs
 from ..common.table_cache import entry_path, load_entry, store_entry
 from ..recover import recover
 from .apply import AppliedSegment, apply_plan, share_graph
@@ -62,6 +67,11 @@ class ImportanceTable:
     synthetic_data: bool
     cache_hits: int = 0
     notes: list[str] = field(default_factory=list)
+    executor: str | None = None
+    """Where the candidates were scored: ``"serial"`` (in the calling process), ``"process"``, ``"ray"`` or the
+    executor's class name; ``None`` when every entry came from the cache."""
+    ran_on: dict[str, int] = field(default_factory=dict)
+    """Candidates scored per process, ``{"host:pid": count}``."""
 
     @property
     def importance(self) -> list[float]:
@@ -71,21 +81,40 @@ class ImportanceTable:
         return {"estimator": self.estimator, "candidates": len(self.metric), "trained": self.trained,
                 "cache_hits": self.cache_hits,
                 "seconds": self.seconds, "original_accuracy": self.original_accuracy,
-                "synthetic_data": self.synthetic_data, "notes": self.notes}
+                "synthetic_data": self.synthetic_data, "notes": self.notes, "executor": self.executor,
+                "ran_on": self.ran_on}
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every importance job reads; shipped once per worker (the graph as :class:`ir.PortableGraph`)."""
+
+    graph: PortableGraph
+    trunk: Trunk
+    teacher: torch.Tensor
+    """The original's held-out outputs."""
+    held_out: Samples
+    train_inputs: torch.Tensor | None
+    """The training inputs ``finetune`` fine-tunes on (``None`` for the other estimators)."""
+    estimator: str
+    steps: int
+    lr: float
+    batch_size: int
 
 
 def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], calib: Calibration, *,
                            estimator: Estimator = "local", steps: int = 30, lr: float = 1e-3,
-                           use_cache: bool = True, progress: bool = False) -> ImportanceTable:
+                           use_cache: bool = True, executor: Any = None, progress: bool = False) -> ImportanceTable:
     """Score every candidate of ``choices`` on ``calib`` with ``estimator`` (``gm`` is not modified).
 
     Entries are cached on disk, keyed by the graph and its weights, the calibration data, the estimator
-    settings and the candidate, so rerunning on the same model and data only reads them back.
+    settings and the candidate, so rerunning on the same model and data only reads them back. Candidates
+    not cached are scored as independent jobs on ``executor`` (``None``, ``"serial"``, ``"process"``,
+    ``"ray"`` or a ``concurrent.futures.Executor``, see :func:`~depthfold.passes.common.jobs.run_jobs`);
+    the table is the same wherever they run, and records where that was.
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown importance estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     bs = calib.batch_size
     held_out = calib.held_out
@@ -105,32 +134,67 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
     todo = [i for i in range(len(choices)) if i not in results]
     cache_hits = len(choices) - len(todo) - sum(c.kind in ("original", "barrier") for c in choices)
     trained = 0
-    if todo:
-        features = _features_for(gm, trunk, [choices[i] for i in todo], calib) if estimator == "local" else {}
-        suffix_inputs = _suffix_inputs(gm, trunk) if estimator != "finetune" else {}
-        cached = _original_values(gm, sorted(set().union(*suffix_inputs.values())), held_out.inputs[0], bs)
-    for i in tqdm(todo, desc="importance", unit="cand", disable=not progress, leave=False):
-        choice = choices[i]
-        if estimator == "finetune":
-            student, _ = apply_plan(gm, trunk, [choice])
-            recover(student, gm, calib.train.inputs[0], steps=steps, lr=lr, batch_size=bs, eval_batches=0)
-            trained += 1
-            logits = metrics.batched_outputs(student, held_out, bs)
-        else:
-            student, segments = apply_plan(gm, trunk, [choice], share_params=True)
-            if estimator == "local" and segments:
-                _train_locally(student, segments[0], trunk, choice, features, steps, lr, min(bs, _LOCAL_BATCH))
-                trained += 1
-            logits = _suffix_logits(student, trunk.positions[choice.start].node, cached, held_out, bs)
-        results[i] = {"metric": -metrics.kl_divergence(teacher, logits, held_out),
-                      "accuracy": metrics.accuracy(teacher, logits, held_out)}
+    ran_on: Counter[str] = Counter()
+
+    def store(k: int, out: dict[str, Any]) -> None:
+        nonlocal trained
+        i = todo[k]
+        results[i] = {"metric": out["metric"], "accuracy": out["accuracy"]}
+        trained += out["trained"]
+        ran_on[out["ran_on"]] += 1
         if use_cache:
             store_entry(entry_path(root, keys[i]), keys[i], results[i])
+
+    where = None
+    if todo:
+        shared = _Shared(PortableGraph(gm), trunk, teacher, held_out,
+                         calib.train.inputs[0] if estimator == "finetune" else None, estimator, steps, lr, bs)
+        where = run_jobs(_score_candidate, _jobs(gm, trunk, [choices[i] for i in todo], calib, estimator), store,
+                         shared=shared, executor=executor, progress=progress, desc="importance")
     metric = [float(results[i]["metric"]) for i in range(len(choices))]
     accuracies = [results[i]["accuracy"] for i in range(len(choices))]
     notes = ["no calibration data: importance measured on standard-normal inputs"] if calib.synthetic else []
     return ImportanceTable(metric, accuracies, estimator, time.perf_counter() - start, trained, original_acc,
-                           calib.synthetic, cache_hits, notes)
+                           calib.synthetic, cache_hits, notes, where, dict(ran_on))
+
+
+def _jobs(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], calib: Calibration, estimator: str
+          ) -> list[tuple[SegmentChoice, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Per candidate: the candidate, the original values its local training reads (training inputs), and
+    those the rest of the network after its start reads (held-out inputs)."""
+    reads = {i: _feature_names(gm, trunk, c) for i, c in enumerate(choices)
+             if estimator == "local" and c.kind == "merged"}
+    wanted = set().union(*reads.values())
+    order = [n.name for n in gm.graph.nodes if n.name in wanted]
+    features = _original_values(gm, order, calib.train.inputs[0], calib.batch_size)
+    suffix_inputs = _suffix_inputs(gm, trunk) if estimator != "finetune" else {}
+    cached = _original_values(gm, sorted(set().union(*suffix_inputs.values())), calib.held_out.inputs[0],
+                              calib.batch_size)
+    return [(c, {n: features[n] for n in reads.get(i, ())},
+             {n: cached[n] for n in suffix_inputs.get(trunk.positions[c.start].node, ())})
+            for i, c in enumerate(choices)]
+
+
+def _score_candidate(shared: _Shared, choice: SegmentChoice, features: dict[str, torch.Tensor],
+                     cached: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One importance job: the candidate's metric and accuracy, whether it trained, and where it ran."""
+    gm, trunk, held_out, bs = shared.graph.graph_module, shared.trunk, shared.held_out, shared.batch_size
+    trained = False
+    if shared.estimator == "finetune":
+        student, _ = apply_plan(gm, trunk, [choice])
+        recover(student, gm, shared.train_inputs, steps=shared.steps, lr=shared.lr, batch_size=bs, eval_batches=0)
+        trained = True
+        logits = metrics.batched_outputs(student, held_out, bs)
+    else:
+        student, segments = apply_plan(gm, trunk, [choice], share_params=True)
+        if shared.estimator == "local" and segments:
+            _train_locally(student, segments[0], trunk, choice, features, shared.steps, shared.lr,
+                           min(bs, _LOCAL_BATCH))
+            trained = True
+        logits = _suffix_logits(student, trunk.positions[choice.start].node, cached, held_out, bs)
+    return {"metric": -metrics.kl_divergence(shared.teacher, logits, held_out),
+            "accuracy": metrics.accuracy(shared.teacher, logits, held_out), "trained": trained,
+            "ran_on": job_location()}
 
 
 def _descendants(gm: GraphModule, start: str) -> list[Node]:
@@ -216,17 +280,9 @@ def _region(student: GraphModule, segment: AppliedSegment) -> tuple[GraphModule,
     return _extract(student, members, next(n for n in members if n.name == segment.output))
 
 
-def _features_for(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], calib: Calibration
-                  ) -> dict[str, torch.Tensor]:
-    """Original values, on the training inputs, of every node a merged segment reads or must reproduce."""
-    wanted: set[str] = set()
-    for choice in choices:
-        if choice.kind == "merged":
-            wanted.add(trunk.positions[choice.start].node)
-            wanted.add(trunk.positions[choice.end].node)
-            wanted.update(_outside_inputs(gm, trunk, choice))
-    order = [n.name for n in gm.graph.nodes if n.name in wanted]
-    return _original_values(gm, order, calib.train.inputs[0], calib.batch_size)
+def _feature_names(gm: GraphModule, trunk: Trunk, choice: SegmentChoice) -> list[str]:
+    """The original values a merged segment's local training reads or must reproduce."""
+    return [trunk.positions[choice.start].node, trunk.positions[choice.end].node, *_outside_inputs(gm, trunk, choice)]
 
 
 def _outside_inputs(gm: GraphModule, trunk: Trunk, choice: SegmentChoice) -> list[str]:
