@@ -331,7 +331,10 @@ class OrtBackend(Backend):
     def measure_layer(self, layer: GraphModule, inputs: Inputs, *, cold: bool = False) -> Measurement:
         check_session_args(device=self.target.device, threads=self.threads,
                            graph_optimization=self.options.get("graph_optimization", "all"))
-        model = to_onnx_model(layer, tuple(inputs), opset=self.options.get("opset"), exporter="torchscript")
+        try:
+            model = to_onnx_model(layer, tuple(inputs), opset=self.options.get("opset"), exporter="torchscript")
+        except ArtifactError:  # an op the tracing exporter lacks (it is deprecated upstream): the dynamo exporter
+            model = to_onnx_model(layer, tuple(inputs), opset=self.options.get("opset"))
         if self.layer_scope == "kernels":
             return measure_kernels(model, list(inputs), device=self.target.device,
                                    threads=self.threads, warmup=self.warmup, repeat=self.repeat,
