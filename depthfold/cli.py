@@ -252,10 +252,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     paths = result.save(args.out, measure=True)
     acc = result.report["accuracy"]
     summary = result.report["summary"]
+    latency = result.report["latency"]
     print(f"nodes {summary['before']['nodes']} -> {summary['after']['nodes']}; accuracy "
-          f"{acc['original']:.4f} -> {acc['optimized']:.4f}; ORT CPU speed-up "
-          f"{result.report['latency']['speedup']['median']:.3f}x (median of "
-          f"{result.report['latency']['rounds']} interleaved rounds)")
+          f"{acc['original']:.4f} -> {acc['optimized']:.4f}; {latency['backend']} {latency['target']} speed-up "
+          f"{latency['speedup']['median']:.3f}x (median of {latency['rounds']} interleaved rounds)")
     for key, path in paths.items():
         print(f"wrote {path}  ({key})")
     return 0
