@@ -267,6 +267,14 @@ def compare_interleaved(
         # The rotation continues from the warm-up rounds.
         per_round.append({name: _timed(fns[name], sync, inner) for name in order(warmup + r)})
 
+    return summarise_rounds(per_round, names, base, warmup=warmup, inner=inner, threads=threads, backend=backend,
+                            device=device)
+
+
+def summarise_rounds(per_round: Sequence[Mapping[str, float]], names: Sequence[str], baseline: str, *, warmup: int,
+                     inner: int, threads: int, backend: str, device: str) -> dict[str, Any]:
+    """:func:`compare_interleaved`'s result from per-round times (ms) of the variants ``names``, however they
+    were taken: a Measurement per variant and the median (p10, p90) of its per-round ratios to ``baseline``."""
     measurements = {
         name: Measurement(samples_ms=tuple(t[name] for t in per_round), warmup=warmup, threads=threads,
                           backend=backend, device=device)
@@ -275,11 +283,11 @@ def compare_interleaved(
     ratios: dict[str, dict[str, Any]] = {}
     speedups: dict[str, float] = {}
     for name in names:
-        rs = [_ratio(t[name], t[base]) for t in per_round]
+        rs = [_ratio(t[name], t[baseline]) for t in per_round]
         ratios[name] = {"median": quantile(rs, 0.5), "p10": quantile(rs, 0.1), "p90": quantile(rs, 0.9),
                         "samples": rs}
-        speedups[name] = quantile([_ratio(t[base], t[name]) for t in per_round], 0.5)
-    return {"baseline": base, "rounds": rounds, "warmup": warmup, "inner": inner,
+        speedups[name] = quantile([_ratio(t[baseline], t[name]) for t in per_round], 0.5)
+    return {"baseline": baseline, "rounds": len(per_round), "warmup": warmup, "inner": inner,
             "measurements": measurements, "ratios": ratios, "speedups": speedups}
 
 

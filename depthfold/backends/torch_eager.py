@@ -3,8 +3,9 @@ compared with (``module(*inputs)`` under ``torch.inference_mode``)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,21 +65,23 @@ class TorchBackend(Backend):
 
         return call, (torch.cuda.synchronize if self.target.device == "cuda" else None)
 
-    def measure(self, model: Any, inputs: Inputs) -> Measurement:
+    @contextlib.contextmanager
+    def _fixed_threads(self) -> Iterator[None]:
+        """torch's intra-op threads set to ``threads`` while timing, and restored afterwards."""
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return super().measure(model, inputs)
+            yield
         finally:
             torch.set_num_threads(previous)
 
+    def measure(self, model: Any, inputs: Inputs) -> Measurement:
+        with self._fixed_threads():
+            return super().measure(model, inputs)
+
     def compare(self, models: Any, inputs: Inputs, **kwargs: Any) -> dict[str, Any]:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
+        with self._fixed_threads():
             return super().compare(models, inputs, **kwargs)
-        finally:
-            torch.set_num_threads(previous)
 
     def export(self, model: Any, example_inputs: Inputs, out_dir: str | Path) -> Path:
         program = torch.export.export(model, tuple(example_inputs))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..base import Backend, Inputs, Target
-from ..latency import Measurement, quantile
+from ..latency import Measurement, summarise_rounds
 from ..onnx import to_numpy
 from .artifact import ARTIFACT_JSON, LIBRARY_NAME, Compiled, TvmArtifact
 from .build import _export, _export_library, _hash_torch, build, compile, tvm_target
@@ -107,17 +107,8 @@ def _compare_by_measurements(backend: Backend, models: Mapping[str, Any], inputs
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         per_round.append({name: backend.measure(models[name], inputs).median_ms for name in order})
-    measurements = {name: Measurement(samples_ms=tuple(t[name] for t in per_round), warmup=backend.warmup,
-                                      threads=backend.threads, backend=backend.name, device=backend.target.device)
-                    for name in names}
-    ratios = {}
-    for name in names:
-        rs = [t[name] / t[base] for t in per_round]
-        ratios[name] = {"median": quantile(rs, 0.5), "p10": quantile(rs, 0.1), "p90": quantile(rs, 0.9),
-                        "samples": rs}
-    speedups = {name: quantile([t[base] / t[name] for t in per_round], 0.5) for name in names}
-    return {"baseline": base, "rounds": rounds, "warmup": backend.warmup, "inner": 1,
-            "measurements": measurements, "ratios": ratios, "speedups": speedups}
+    return summarise_rounds(per_round, names, base, warmup=backend.warmup, inner=1, threads=backend.threads,
+                            backend=backend.name, device=backend.target.device)
 
 
 def _timing_inputs(compiled: Compiled | TvmArtifact, inputs: Inputs) -> Any:
