@@ -28,6 +28,7 @@ __all__ = [
     "is_stored",
     "is_residual_add",
     "kind_of",
+    "out_of_place",
     "spatial_dims",
     "weight_and_bias",
 ]
@@ -148,6 +149,18 @@ def kind_of(node: Node) -> NodeKind:
     if _is_call(node) and node.target in _MATMULS:
         return "matmul"
     return "other"
+
+
+def out_of_place(target: Any) -> Any:
+    """The functional form of an in-place ATen op (``aten.add_.Tensor`` -> ``aten.add.Tensor``); any other
+    target unchanged. Replacing one by the other is exact when nothing reads the mutated tensor afterwards."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return target
+    name = target._opname
+    if not name.endswith("_") or name.startswith("_"):
+        return target
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, target._overloadname, target) if packet is not None else target
 
 
 def spatial_dims(node: Node) -> int:

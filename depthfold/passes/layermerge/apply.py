@@ -82,6 +82,7 @@ def apply_plan(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], 
     """
     out = share_graph(gm) if share_params else ir.clone(gm)
     nodes = _Nodes(out)
+    _functional_trunk(nodes, trunk)
     items_by_name = _items_by_node(trunk)
     applied: list[AppliedSegment] = []
     for choice in choices:
@@ -89,7 +90,7 @@ def apply_plan(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], 
             for conv in choice.pruned:
                 layer = items_by_name[conv]
                 assert isinstance(layer, Layer)
-                nodes.replace(layer.out, nodes[conv].args[0])  # type: ignore[arg-type]
+                nodes.replace(layer.out, nodes[layer.first].args[0])  # type: ignore[arg-type]
         elif choice.kind == "merged":
             applied.append(_rewrite_merged(out, nodes, trunk, choice, len(applied)))
     out.graph.eliminate_dead_code()
@@ -116,6 +117,17 @@ class _Nodes:
         old = self[name]
         old.replace_all_uses_with(new)
         self._redirect[old.name] = new
+
+
+def _functional_trunk(nodes: _Nodes, trunk: Trunk) -> None:
+    """Make the trunk's in-place activations and residual adds (``relu_``, ``x += shortcut``) functional.
+
+    Exact: the walk only admits single-user chains, so nothing reads a mutated tensor afterwards; and an
+    in-place node left without users would survive dead-code elimination, still mutating its input."""
+    for item in trunk.items:
+        if isinstance(item, (Act, Join)):
+            node = nodes[item.node]
+            node.target = ops.out_of_place(node.target)
 
 
 def _items_by_node(trunk: Trunk) -> dict[str, object]:
@@ -151,9 +163,10 @@ def _rewrite_merged(gm: GraphModule, nodes: _Nodes, trunk: Trunk, choice: Segmen
         created.append(node)
         return node
 
+    end = list(geometry.end_padding)
     cur = x
-    if any(total):
-        cur = emit(aten.constant_pad_nd.default, (x, [total[1], total[1], total[0], total[0]], 0.0), None, [x])
+    if any(total) or any(end):
+        cur = emit(aten.constant_pad_nd.default, (x, [total[1], end[1], total[0], end[0]], 0.0), None, [x])
     # (value node, stride, pad) of the map at each item boundary of the segment.
     stride, pad = [1, 1], [0, 0]
     boundary = trunk.positions[choice.start].boundary
@@ -187,6 +200,11 @@ def _rewrite_merged(gm: GraphModule, nodes: _Nodes, trunk: Trunk, choice: Segmen
                 cur = emit(add.target, tuple(args), add, [add])
                 pad = join_pad
         states[boundary] = (cur, list(stride), list(pad))
+    want = tuple(trunk.positions[choice.end].shape)
+    if _value_shape(cur)[1:] != want[1:]:
+        raise PassError(f"layermerge: segment ({choice.start}, {choice.end}] would produce {_value_shape(cur)} "
+                        f"where the network has {want}; this is a bug in the re-padding, please report it with "
+                        "the model")
     nodes.replace(trunk.positions[choice.end].node, cur)
     return AppliedSegment(index, choice, x.name, cur.name, tuple(n.name for n in created))
 
@@ -194,6 +212,12 @@ def _rewrite_merged(gm: GraphModule, nodes: _Nodes, trunk: Trunk, choice: Segmen
 def _emit_layer(emit, nodes: _Nodes, layer: Layer, cur: Node, stride: list[int], pad: list[int]
                 ) -> tuple[Node, list[int], list[int]]:
     conv = nodes[layer.conv]
+    if layer.linear:
+        cur = emit(aten.linear.default, (cur, *conv.args[1:]), conv, [conv])
+        if layer.scale is not None:
+            scale = nodes[layer.scale]
+            cur = emit(scale.target, tuple(cur if a is conv else a for a in scale.args), scale, [scale])
+        return cur, stride, pad
     p = ops.conv_params(conv)
     cur = emit(aten.conv2d.default, (cur, p.weight, p.bias, list(p.stride), [0, 0], [1, 1], p.groups), conv, [conv])
     if layer.bn is not None:
@@ -254,7 +278,9 @@ def merge_segments(gm: GraphModule, segments: Sequence[AppliedSegment]
     for seg in segments:
         members = [nodes[name] for name in seg.nodes]
         x = nodes[seg.input]  # may be the merged conv of the segment before (it replaced that segment's output)
-        values: dict[Node, _Affine] = {x: _Affine.identity(int(ir.shape_of(x)[1]))}  # type: ignore[index]
+        linear = seg.choice.geometry is not None and seg.choice.geometry.linear
+        channels = int(ir.shape_of(x)[-1 if linear else 1])  # type: ignore[index]
+        values: dict[Node, _Affine] = {x: _Affine.identity(channels)}
         affine_out = x
         for node in members:
             if node.target not in _AFFINE_TARGETS or any(
@@ -266,15 +292,34 @@ def merge_segments(gm: GraphModule, segments: Sequence[AppliedSegment]
             merged_nodes.append(None)  # every conv pruned and nothing absorbed: the segment is the identity
             continue
         affine = values[affine_out]
+        if linear:
+            owner = _owner(members)
+            anchor = affine_out.next
+            w_node = ir.new_param(out, owner, "merged_weight", affine.weight[:, :, 0, 0].to(torch.float32), before=anchor)
+            b_node = ir.new_param(out, owner, "merged_bias", affine.bias.to(torch.float32), before=anchor)
+            with out.graph.inserting_before(anchor):
+                layer = out.graph.call_function(aten.linear.default, (x, w_node, b_node))
+            ir.record_origin(layer, "layermerge", [n for n in members if ops.is_linear(n)], like=affine_out)
+            affine_out.replace_all_uses_with(layer)
+            nodes[affine_out.name] = layer
+            merged_nodes.append(layer)
+            continue
         groups = _largest_groups(affine.weight)
         weight = grouped_weight(affine.weight, groups).to(torch.float32)
         owner = _owner(members)
         anchor = affine_out.next
         w_node = ir.new_param(out, owner, "merged_weight", weight, before=anchor)
         b_node = ir.new_param(out, owner, "merged_bias", affine.bias.to(torch.float32), before=anchor)
+        pads = _segment_padding(members, x)  # left, right, top, bottom
         with out.graph.inserting_before(anchor):
-            conv = out.graph.call_function(aten.conv2d.default, (x, w_node, b_node, list(affine.stride),
-                                                                  _segment_padding(members, x), [1, 1], groups))
+            source, padding = x, [pads[2], pads[0]]
+            if pads[0] != pads[1] or pads[2] != pads[3]:
+                # Asymmetric (TF 'same') padding: torch convs pad symmetrically, so an explicit pad and a
+                # valid conv (ONNX Runtime fuses the two into one Conv with asymmetric pads).
+                source, padding = out.graph.call_function(aten.constant_pad_nd.default, (x, pads, 0.0)), [0, 0]
+                ir.record_origin(source, "layermerge", [x], like=None)
+            conv = out.graph.call_function(aten.conv2d.default, (source, w_node, b_node, list(affine.stride),
+                                                                  padding, [1, 1], groups))
         ir.record_origin(conv, "layermerge", [n for n in members if ops.is_conv(n)], like=affine_out)
         affine_out.replace_all_uses_with(conv)
         nodes[affine_out.name] = conv
@@ -286,7 +331,8 @@ def merge_segments(gm: GraphModule, segments: Sequence[AppliedSegment]
 
 
 _AFFINE_TARGETS = {aten.conv2d.default, aten.constant_pad_nd.default, aten.slice.Tensor, aten.add.Tensor,
-                   aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+                   aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+                   aten.linear.default, aten.mul.Tensor}
 
 
 @dataclass(frozen=True)
@@ -304,9 +350,18 @@ class _Affine:
 
 
 def _affine_step(gm: GraphModule, node: Node, values: dict[Node, _Affine]) -> _Affine:
+    if node.target is aten.mul.Tensor:  # a per-channel layer scale (the only mul a segment holds)
+        value, scale = (node.args[0], node.args[1]) if node.args[0] in values else (node.args[1], node.args[0])
+        src, factor = values[value], ir.get_param(gm, scale).detach().double()  # type: ignore[index,arg-type]
+        return _Affine(src.weight * factor[:, None, None, None], src.bias * factor, src.stride)
     src = values[node.args[0]]  # type: ignore[index]
     if node.target is aten.constant_pad_nd.default:
         return src
+    if ops.is_linear(node):
+        w, b = (ir.get_param(gm, a).detach().double() if a is not None else None for a in ops.weight_and_bias(node))
+        weight = torch.einsum("oc,cikl->oikl", w, src.weight)
+        bias = w @ src.bias + (b if b is not None else 0.0)
+        return _Affine(weight, bias, src.stride)
     if ops.is_conv(node):
         p = ops.conv_params(node)
         w = ir.get_param(gm, p.weight).detach().double()
@@ -342,11 +397,11 @@ def _affine_step(gm: GraphModule, node: Node, values: dict[Node, _Affine]) -> _A
 
 
 def _segment_padding(members: list[Node], x: Node) -> list[int]:
+    """The re-padding of the segment at its input, as ``constant_pad_nd`` writes it (left, right, top, bottom)."""
     for node in members:
         if node.target is aten.constant_pad_nd.default and node.args[0] is x:
-            pads = list(node.args[1])  # type: ignore[arg-type]
-            return [int(pads[2]), int(pads[0])]
-    return [0, 0]
+            return [int(p) for p in node.args[1]]  # type: ignore[union-attr]
+    return [0, 0, 0, 0]
 
 
 def _largest_groups(dense: torch.Tensor) -> int:
@@ -364,6 +419,6 @@ def _largest_groups(dense: torch.Tensor) -> int:
 
 def _owner(members: list[Node]) -> str:
     for node in members:
-        if ops.is_conv(node):
+        if ops.is_conv(node) or ops.is_linear(node):
             return str(node.args[1].target).rpartition(".")[0]  # type: ignore[union-attr]
     return ""

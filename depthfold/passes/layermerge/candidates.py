@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +51,14 @@ class Geometry:
     groups: int
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    padding_end: tuple[int, int] | None = None
+    """Bottom and right padding when they differ from ``padding`` (top, left)."""
+    linear: bool = False
+    """A linear on the last dim (the segment's layers are channels-last linears)."""
+
+    @property
+    def end_padding(self) -> tuple[int, int]:
+        return self.padding_end if self.padding_end is not None else self.padding
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ class SegmentChoice:
     def label(self) -> str:
         if self.kind == "merged" and self.geometry is not None:
             g = self.geometry
-            k = "x".join(map(str, g.kernel))
+            k = "linear" if g.linear else "x".join(map(str, g.kernel))
             dw = " dw" if g.groups > 1 and g.groups == g.in_channels == g.out_channels else ""
             return f"merged {k}{dw} ({len(self.kept)} kept, {len(self.pruned)} pruned)"
         return f"{self.kind} ({len(self.kept)} kept, {len(self.pruned)} pruned)"
@@ -83,7 +92,7 @@ class SegmentChoice:
                                   "absorbed": list(self.absorbed)}
         if self.geometry is not None:
             out.update(kernel=list(self.geometry.kernel), stride=list(self.geometry.stride),
-                       padding=list(self.geometry.padding), groups=self.geometry.groups)
+                       padding=[*self.geometry.padding, *self.geometry.end_padding], groups=self.geometry.groups)
         return out
 
 
@@ -116,6 +125,8 @@ def segment_geometry(trunk: Trunk, start: int, end: int, kept: set[str]) -> Geom
     """
     items = trunk.between(start, end)
     in_shape = _shape_at(trunk, start)
+    if any(isinstance(i, Layer) and i.linear for i in items):
+        return _linear_geometry(items, in_shape, _shape_at(trunk, end))
     cin = int(in_shape[1])
     window = _Window([1, 1], [0, 0], [1, 1], cin, cin)
     checkpoints: list[_Window] = []
@@ -150,13 +161,36 @@ def segment_geometry(trunk: Trunk, start: int, end: int, kept: set[str]) -> Geom
         if any((pt - px) % sx for pt, px, sx in zip(window.pad, cp.pad, cp.stride)) or any(
                 pt < px for pt, px in zip(window.pad, cp.pad)):
             return "re-padding would need a fractional border (strided conv before a wider one)"
-    expected = [(size + 2 * p - k) // s + 1
-                for size, p, k, s in zip(in_shape[2:], window.pad, window.kernel, window.stride)]
-    if tuple(expected) != tuple(out_shape[2:]) or window.channels != out_shape[1]:
-        return f"merged conv would produce {tuple(expected)} instead of {tuple(out_shape[2:])}"
+    if window.channels != out_shape[1]:
+        return f"merged conv would produce {window.channels} channels instead of {out_shape[1]}"
+    # The end padding that makes the last output's window [S*(o-1) - P, S*(o-1) - P + K) fit the padded
+    # input; up to S-1 pixels more still yield exactly o outputs, so symmetric padding is kept when it fits.
+    needed = [s * (o - 1) - p + k - n
+              for n, o, p, k, s in zip(in_shape[2:], out_shape[2:], window.pad, window.kernel, window.stride)]
+    if any(e <= -s for e, s in zip(needed, window.stride)):
+        expected = tuple((n + p - k) // s + 1
+                         for n, p, k, s in zip(in_shape[2:], window.pad, window.kernel, window.stride))
+        return f"merged conv would produce {expected} instead of {tuple(out_shape[2:])}"
+    end = tuple(p if e <= p < e + s else max(e, 0) for e, p, s in zip(needed, window.pad, window.stride))
     groups = window.groups if cin % window.groups == 0 and window.channels % window.groups == 0 else 1
     return Geometry(cin, window.channels, tuple(window.kernel), tuple(window.stride),  # type: ignore[arg-type]
-                    tuple(window.pad), groups, tuple(in_shape), tuple(out_shape))  # type: ignore[arg-type]
+                    tuple(window.pad), groups, tuple(in_shape), tuple(out_shape),  # type: ignore[arg-type]
+                    end if end != tuple(window.pad) else None)  # type: ignore[arg-type]
+
+
+def _linear_geometry(items: tuple, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Geometry | str:
+    """A segment of channels-last linears composes into one linear (a 1x1 conv on the last dim)."""
+    for item in items:
+        if isinstance(item, Layer) and not item.linear:
+            return "mixes convs and channels-last linears"
+        if isinstance(item, Join) and item.side:
+            return f"residual add {item.node} has a conv shortcut around channels-last linears"
+        if isinstance(item, Barrier):
+            return f"barrier {item.nodes[0]} inside the segment"
+    if tuple(in_shape[:-1]) != tuple(out_shape[:-1]):
+        return f"linear segment changes the map from {in_shape} to {out_shape}"
+    return Geometry(int(in_shape[-1]), int(out_shape[-1]), (1, 1), (1, 1), (0, 0), 1, tuple(in_shape),
+                    tuple(out_shape), linear=True)
 
 
 def _shape_at(trunk: Trunk, position: int) -> tuple[int, ...]:
@@ -193,11 +227,11 @@ def segment_problem(trunk: Trunk, start: int, end: int, mode: Mode) -> str | Non
 
 
 def enumerate_choices(trunk: Trunk, *, mode: Mode = "layermerge", max_span: int = 8,
-                      max_kernel: int = 9) -> list[SegmentChoice]:
+                      max_kernel: int = 9, rejected: Counter[str] | None = None) -> list[SegmentChoice]:
     """Every candidate of every valid segment with at most ``max_span`` positions.
 
     ``max_kernel`` bounds merged kernels (LayerMerge's candidates grow with the kernel, and large
-    merged kernels are rarely faster).
+    merged kernels are rarely faster). ``rejected``, if given, counts the merges left out, by reason.
     """
     choices: list[SegmentChoice] = []
     L = trunk.num_positions
@@ -205,11 +239,13 @@ def enumerate_choices(trunk: Trunk, *, mode: Mode = "layermerge", max_span: int 
         for end in range(start + 1, min(L, start + max_span) + 1):
             if segment_problem(trunk, start, end, mode) is not None:
                 continue
-            choices.extend(_segment_choices(trunk, start, end, mode, max_kernel))
+            choices.extend(_segment_choices(trunk, start, end, mode, max_kernel,
+                                            rejected if rejected is not None else Counter()))
     return choices
 
 
-def _segment_choices(trunk: Trunk, start: int, end: int, mode: Mode, max_kernel: int) -> list[SegmentChoice]:
+def _segment_choices(trunk: Trunk, start: int, end: int, mode: Mode, max_kernel: int, rejected: Counter[str]
+                     ) -> list[SegmentChoice]:
     items = trunk.between(start, end)
     if len(items) == 1 and isinstance(items[0], Barrier):
         return [SegmentChoice(start, end, "barrier")]
@@ -235,7 +271,11 @@ def _segment_choices(trunk: Trunk, start: int, end: int, mode: Mode, max_kernel:
             choice = SegmentChoice(start, end, "pruned", kept=kept, pruned=pruned_t)
         else:
             geometry = segment_geometry(trunk, start, end, set(kept))
-            if isinstance(geometry, str) or max(geometry.kernel) > max_kernel:
+            if isinstance(geometry, str):
+                rejected[geometry] += 1
+                continue
+            if max(geometry.kernel) > max_kernel:
+                rejected[f"merged kernel larger than max_kernel={max_kernel}"] += 1
                 continue
             key = ("merged", geometry.kernel, geometry.groups)
             choice = SegmentChoice(start, end, "merged", kept=kept, pruned=pruned_t, removed_acts=removed,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,7 @@ from torch.fx import GraphModule
 
 from ... import ir
 from ...errors import ConfigError, PassError
+from ...ir import ops
 from ..base import Change, Exactness, PassContext, PassResult, Skip
 from ..common import metrics
 from ..common.calibration import calibration_split
@@ -122,7 +124,17 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
                           "(torch.randn(1, 3, 224, 224),)")
     trunk = analyze_trunk(gm)
     mode: Mode = config.mode
-    choices = enumerate_choices(trunk, mode=mode, max_span=config.max_span, max_kernel=config.max_kernel)
+    rejected: Counter[str] = Counter()
+    choices = enumerate_choices(trunk, mode=mode, max_span=config.max_span, max_kernel=config.max_kernel,
+                                rejected=rejected)
+    if not any(c.kind in ("merged", "pruned") for c in choices):
+        reasons = "; ".join(f"{b.nodes[0]}: {b.reason}" for b in trunk.barriers[:8])
+        left_out = "; ".join(f"{reason} ({n}x)" for reason, n in rejected.most_common(3))
+        raise ConfigError(f"layermerge found nothing to compress: no segment of the trunk ({len(trunk.layers())} "
+                          f"layers, {trunk.num_positions} positions) can remove an activation or prune a layer in "
+                          f"mode={config.mode}. Barriers: {reasons or 'none'}"
+                          + (f". Merges left out: {left_out}" if left_out else "")
+                          + ". Try mode=layermerge, a larger max_span or max_kernel, or the exact passes")
     timings["enumerate_s"] = time.perf_counter() - clock
     calib = calibration_split(context.data, inputs, names=ir.input_names(gm), eval_samples=config.eval_samples,
                               train_samples=config.train_samples, batch_size=config.batch_size, seed=context.seed)
@@ -218,6 +230,8 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
         "importance_sum": sum(importance.importance[c.choice] for c in plan.chosen),
         "log_importance_sum": plan.importance,
         "trunk": trunk.summary(),
+        "coverage": _coverage(gm, trunk, choices, latency.median_ms, whole_ms),
+        "rejected_merges": dict(rejected.most_common(10)),
         "tables": {"latency": latency.summary(), "importance": importance.summary()},
         "timings": {**timings, "latency_table_s": latency.seconds, "importance_table_s": importance.seconds},
         "accuracy": {"original": importance.original_accuracy, "compressed": accuracy_compressed,
@@ -268,6 +282,27 @@ def _plan_with_feedback(gm: GraphModule, trunk: Trunk, choices: list[SegmentChoi
                                 predicted_ms=lambda plan: plan.latency + fixed_ms,
                                 score=lambda plan: plan.importance, identity=lambda plan: plan.chosen)
     return result.plan, result.attempts
+
+
+def _coverage(gm: GraphModule, trunk: Trunk, choices: list[SegmentChoice], latency_ms: list[float],
+              whole_ms: float) -> dict[str, object]:
+    """How much of the network LayerMerge can touch: the convs/linears lying on a segment with a merged or
+    pruned candidate, their share of all the network's convs/linears, and the share of the measured latency
+    the single-position segments holding them take."""
+    layers = [n for n in gm.graph.nodes if ops.is_conv(n) or ops.is_linear(n)]
+    on_trunk = {layer.conv for layer in trunk.layers()}
+    compressible = {name for c in choices if c.kind in ("merged", "pruned") for name in (*c.kept, *c.pruned)}
+    by_layer = {layer.conv: layer for layer in trunk.layers()}
+    covered_ms = 0.0
+    for choice, ms in zip(choices, latency_ms):
+        if choice.kind == "original" and choice.end == choice.start + 1 and set(choice.kept) & compressible:
+            covered_ms += ms
+    return {"layers": len(layers), "on_trunk": len(on_trunk), "compressible": len(compressible),
+            "compressible_share": len(compressible) / len(layers) if layers else 0.0,
+            "compressible_linears": sum(by_layer[n].linear for n in compressible if n in by_layer),
+            "compressible_latency_ms": covered_ms,
+            "compressible_latency_share": covered_ms / whole_ms if whole_ms > 0 else 0.0,
+            "barriers": [{"node": b.nodes[0], "nodes": len(b.nodes), "reason": b.reason} for b in trunk.barriers]}
 
 
 def _check_merge(compressed: GraphModule, merged: GraphModule, batch: torch.Tensor,

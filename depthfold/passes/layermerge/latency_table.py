@@ -26,7 +26,7 @@ from ...cache import cache_dir
 from ...errors import ConfigError
 from ..common.jobs import run_jobs
 from ..common.table_cache import entry_path, load_entry, store_entry
-from .candidates import SegmentChoice
+from .candidates import Geometry, SegmentChoice
 from .trunk import Act, Join, Layer, Trunk
 
 __all__ = ["LatencyTable", "LayerSpec", "build_latency_table", "choice_spec", "measure_spec"]
@@ -39,8 +39,10 @@ aten = torch.ops.aten
 class LayerSpec:
     """What a candidate costs at deployment: ops applied to an input of ``input_shape``.
 
-    ``ops`` entries: ``("conv", out_channels, kh, kw, sh, sw, ph, pw, groups)``,
-    ``("act", aten_op, scalar_args)``, ``("add", shortcut_shape, side_convs)`` (at most one add).
+    ``ops`` entries: ``("conv", out_channels, kh, kw, sh, sw, ph, pw, groups)``, ``("pad", left, right,
+    top, bottom)`` (a zero pad: asymmetric padding before a valid conv), ``("linear", out_features)`` (on
+    the last dim of a channels-last input), ``("act", aten_op, scalar_args)``,
+    ``("add", shortcut_shape, side_convs)`` (at most one add).
     """
 
     input_shape: tuple[int, ...]
@@ -58,9 +60,17 @@ class LayerSpec:
         shortcut = graph.placeholder("shortcut") if any(op[0] == "add" for op in self.ops) else None
         counter = iter(range(10_000))
 
-        def conv(value: Node, channels: int, op: tuple[Any, ...]) -> tuple[Node, int]:
-            _, cout, kh, kw, sh, sw, ph, pw, groups = op
+        def affine(value: Node, channels: int, op: tuple[Any, ...]) -> tuple[Node, int]:
+            """A conv, linear or zero pad (the ops a shortcut may hold too)."""
+            if op[0] == "pad":
+                return graph.call_function(aten.constant_pad_nd.default, (value, list(op[1:]), 0.0)), channels
             i = next(counter)
+            if op[0] == "linear":
+                root.register_buffer(f"w{i}", torch.randn((op[1], channels), generator=generator) * 0.05)
+                root.register_buffer(f"b{i}", torch.zeros(op[1]))
+                return graph.call_function(aten.linear.default, (value, graph.get_attr(f"w{i}"),
+                                                                 graph.get_attr(f"b{i}"))), op[1]
+            _, cout, kh, kw, sh, sw, ph, pw, groups = op
             weight = torch.randn((cout, channels // groups, kh, kw), generator=generator) * 0.05
             root.register_buffer(f"w{i}", weight)
             root.register_buffer(f"b{i}", torch.zeros(cout))
@@ -68,17 +78,17 @@ class LayerSpec:
                                                               [sh, sw], [ph, pw], [1, 1], groups))
             return node, cout
 
-        channels = int(self.input_shape[1])
+        channels = int(self.input_shape[-1 if any(op[0] == "linear" for op in self.ops) else 1])
         for op in self.ops:
-            if op[0] == "conv":
-                value, channels = conv(value, channels, op)
+            if op[0] in ("conv", "pad", "linear"):
+                value, channels = affine(value, channels, op)
             elif op[0] == "act":
                 value = graph.call_function(_aten_op(op[1]), (value, *op[2]))
             elif op[0] == "add":
                 _, shape, side = op
                 short, short_channels = shortcut, int(shape[1])
                 for side_op in side:
-                    short, short_channels = conv(short, short_channels, side_op)
+                    short, short_channels = affine(short, short_channels, side_op)
                 value = graph.call_function(aten.add.Tensor, (value, short))
         graph.output(value)
         return GraphModule(root, graph)
@@ -107,8 +117,15 @@ def _activation_op(node: torch.fx.Node) -> tuple[Any, ...]:
     return ("act", "relu.default", ())
 
 
-def _conv_op(layer: Layer) -> tuple[Any, ...]:
-    return ("conv", layer.out_channels, *layer.kernel, *layer.stride, *layer.padding, layer.groups)
+def _conv_ops(layer: Layer | Geometry) -> list[tuple[Any, ...]]:
+    """A conv as deployed: its padding in the conv when symmetric, else an explicit pad and a valid conv."""
+    if layer.linear:
+        return [("linear", layer.out_channels)]
+    begin, end = layer.padding, layer.end_padding
+    if begin == end:
+        return [("conv", layer.out_channels, *layer.kernel, *layer.stride, *begin, layer.groups)]
+    return [("pad", begin[1], end[1], begin[0], end[0]),
+            ("conv", layer.out_channels, *layer.kernel, *layer.stride, 0, 0, layer.groups)]
 
 
 def choice_spec(gm: GraphModule, trunk: Trunk, choice: SegmentChoice) -> LayerSpec | None:
@@ -119,16 +136,15 @@ def choice_spec(gm: GraphModule, trunk: Trunk, choice: SegmentChoice) -> LayerSp
     items = trunk.between(choice.start, choice.end)
     ops: list[tuple[Any, ...]] = []
     if choice.kind == "merged":
-        g = choice.geometry
-        assert g is not None
-        ops.append(("conv", g.out_channels, *g.kernel, *g.stride, *g.padding, g.groups))
+        assert choice.geometry is not None
+        ops.extend(_conv_ops(choice.geometry))
     kept = set(choice.kept)
     for item in items:
         if isinstance(item, Layer) and choice.kind != "merged" and item.conv in kept:
-            ops.append(_conv_op(item))
+            ops.extend(_conv_ops(item))
         elif isinstance(item, Join) and item.entry < choice.start:
             shape = tuple(trunk.positions[item.entry].shape)
-            ops.append(("add", shape, tuple(_conv_op(s) for s in item.side)))
+            ops.append(("add", shape, tuple(op for s in item.side for op in _conv_ops(s))))
         elif isinstance(item, Act) and item is items[-1]:
             ops.append(_activation_op(nodes[item.node]))
     return LayerSpec(tuple(trunk.positions[choice.start].shape), tuple(ops))

@@ -2,12 +2,16 @@
 
 Walking the fx graph from the image input to the output gives a sequence of *items*:
 
-* :class:`Layer` — a 2-D convolution with the batch norm (and eval no-ops) that follow it: an affine map;
+* :class:`Layer` — a 2-D convolution with the zero pad before it (TF-style 'same' padding) and the batch
+  norm (and eval no-ops) after it, or a linear on the last dim of a channels-last map or token sequence
+  (ConvNeXt and transformer MLPs) with its per-channel layer scale: an affine map;
 * :class:`Act` — a pointwise non-linearity (the thing LayerMerge removes);
 * :class:`Join` — the ``add`` closing a residual block, whose shortcut starts at an earlier position and
-  is either the identity or a chain of convs (a ResNet downsample);
-* :class:`Barrier` — anything else on the path (pooling, flatten, the classifier, a fork that is not a
-  residual block, a dilated or 1-D conv): segments never cross one.
+  is either the identity or a chain of convs (a ResNet downsample). Its body is a nested trunk: barriers
+  inside it (a squeeze-excite gate, a norm, a permute) split it into chains that are segments too;
+* :class:`Barrier` — anything else on the path (pooling, flatten, the classifier, a norm, a layout
+  permute, a squeeze-excite gate, a fork that is not a residual block, a dilated or 1-D conv): segments
+  never cross one.
 
 *Positions* ``0..L`` are the boundaries where a segment may start or end: the input, after every
 activation, join and barrier, before every barrier, at every fork that feeds a shortcut, and the end.
@@ -57,6 +61,23 @@ class Layer:
     groups: int
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    pad: str | None = None
+    """A constant-zero ``pad`` node folded into the conv (TF-style 'same' padding): ``in_shape`` is its input."""
+    padding_end: tuple[int, int] | None = None
+    """Bottom and right padding when they differ from ``padding`` (top, left)."""
+    linear: bool = False
+    """An ``aten.linear`` on the last dim of a channels-last map or token sequence (a 1x1 conv there)."""
+    scale: str | None = None
+    """A ``mul`` by a stored per-channel tensor after the layer (ConvNeXt's layer scale)."""
+
+    @property
+    def first(self) -> str:
+        """The layer's first node: the one reading the layer's input."""
+        return self.pad or self.conv
+
+    @property
+    def end_padding(self) -> tuple[int, int]:
+        return self.padding_end if self.padding_end is not None else self.padding
 
     @property
     def prunable(self) -> bool:
@@ -146,7 +167,8 @@ class Trunk:
     def summary(self) -> dict[str, object]:
         return {
             "positions": self.num_positions,
-            "convs": len(self.layers()),
+            "convs": sum(not layer.linear for layer in self.layers()),
+            "linears": sum(layer.linear for layer in self.layers()),
             "activations": sum(isinstance(i, Act) for i in self.items),
             "residual_joins": sum(isinstance(i, Join) for i in self.items),
             "barriers": [{"nodes": list(b.nodes), "reason": b.reason} for b in self.barriers],
@@ -216,6 +238,8 @@ class _Walker:
         self.gm = gm
         self.nodes = {n.name: n for n in gm.graph.nodes}
         view = ir.to_networkx(gm)
+        # Shape queries (a dynamic batch size read for a reshape) carry no data: not a fork.
+        view.remove_nodes_from([n.name for n in gm.graph.nodes if _is_shape_query(n)])
         output = next(n.name for n in gm.graph.nodes if n.op == "output")
         # Post-dominators: dominators of the reversed graph rooted at the output.
         self.ipdom = nx.immediate_dominators(view.reverse(copy=True), output)
@@ -225,7 +249,7 @@ class _Walker:
     def walk(self, prev: Node, end: Node | None, first: Node | None, items: list, forks: set[int]) -> Node:
         """Consume nodes after ``prev`` until ``end`` (``None``: the output); return the last node."""
         while prev is not end:
-            users = list(prev.users)
+            users = [u for u in prev.users if not _is_shape_query(u)]
             if first is not None:
                 users, first = [first], None
             if not users or any(u.op == "output" for u in users) and len(users) == 1:
@@ -250,6 +274,22 @@ class _Walker:
             return self._barrier([node], f"{node.target} reads other tensors besides the trunk", items)
         if ops.is_identity(node):
             return node
+        pads = _zero_pad(node)
+        if pads is not None and len(node.users) == 1 and ops.is_conv(next(iter(node.users))) \
+                and next(iter(node.users)).args[0] is node:
+            layer = self._layer(next(iter(node.users)), end, pad=node, pads=pads)
+            if isinstance(layer, str):
+                return self._barrier([node], f"zero pad before a conv that is not merged: {layer}", items)
+            items.append(layer)
+            return self.nodes[layer.out]
+        if ops.is_linear(node) and len(ir.shape_of(node) or ()) >= 3:
+            layer = self._linear(node, end)
+            if isinstance(layer, str):
+                return self._barrier([node], layer, items)
+            items.append(layer)
+            return self.nodes[layer.out]
+        if node.op == "call_function" and node.target is aten.permute.default:
+            return self._barrier([node], f"layout change: permute {tuple(node.args[1])}", items)  # type: ignore[arg-type]
         if ops.is_conv(node):
             layer = self._layer(node, end)
             if isinstance(layer, str):
@@ -261,7 +301,10 @@ class _Walker:
             return node
         return self._barrier([node], f"{_op_name(node)} is not a conv or pointwise activation", items)
 
-    def _layer(self, conv: Node, end: Node | None) -> Layer | str:
+    def _layer(self, conv: Node, end: Node | None, pad: Node | None = None,
+               pads: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Layer | str:
+        """The layer starting at ``conv`` (or at the zero ``pad`` feeding it: ``pads`` top, left, bottom,
+        right), or why it is not one."""
         if ops.spatial_dims(conv) != 2:
             return f"conv{ops.spatial_dims(conv)}d (only 2-D convolutions are merged)"
         p = ops.conv_params(conv)
@@ -271,7 +314,7 @@ class _Walker:
             return "asymmetric 'same' padding"
         if not ops.is_stored(p.weight) or (p.bias is not None and not ops.is_stored(p.bias)):
             return "conv weight is computed, not stored"
-        in_shape, out_shape = ir.shape_of(p.input), ir.shape_of(conv)
+        in_shape, out_shape = ir.shape_of(pad.args[0] if pad is not None else p.input), ir.shape_of(conv)
         if in_shape is None or out_shape is None:
             return "conv shapes unknown"
         weight = ir.get_param(self.gm, p.weight)
@@ -286,9 +329,28 @@ class _Walker:
             if not (ops.is_identity(user) and user.args[0] is last):
                 break
             last = user
+        begin = (pads[0] + p.padding[0], pads[1] + p.padding[1])
+        finish = (pads[2] + p.padding[0], pads[3] + p.padding[1])
         return Layer(conv.name, bn.name if bn is not None else None, last.name, int(in_shape[1]),
-                     int(out_shape[1]), tuple(int(k) for k in weight.shape[2:]), p.stride, p.padding,  # type: ignore[arg-type]
-                     p.groups, tuple(in_shape), tuple(out_shape))
+                     int(out_shape[1]), tuple(int(k) for k in weight.shape[2:]), p.stride, begin,  # type: ignore[arg-type]
+                     p.groups, tuple(in_shape), tuple(out_shape), pad.name if pad is not None else None,
+                     finish if finish != begin else None)
+
+    def _linear(self, node: Node, end: Node | None) -> Layer | str:
+        """A linear layer on the last dim (a 1x1 conv of a channels-last map), with a layer scale after it."""
+        weight, bias = ops.weight_and_bias(node)
+        if not ops.is_stored(weight) or (bias is not None and not ops.is_stored(bias)):
+            return "linear weight is computed, not stored"
+        in_shape, out_shape = ir.shape_of(node.args[0]), ir.shape_of(node)  # type: ignore[arg-type]
+        if in_shape is None or out_shape is None:
+            return "linear shapes unknown"
+        last, scale = node, None
+        if node is not end and len(node.users) == 1:
+            (user,) = node.users
+            if _channel_scale(self.gm, user, node):
+                last = scale = user
+        return Layer(node.name, None, last.name, int(in_shape[-1]), int(out_shape[-1]), (1, 1), (1, 1), (0, 0), 1,
+                     tuple(in_shape), tuple(out_shape), linear=True, scale=scale.name if scale is not None else None)
 
     def _fork(self, fork: Node, items: list, forks: set[int]) -> Node:
         join_name = self.ipdom.get(fork.name)
@@ -296,6 +358,9 @@ class _Walker:
         if join is None or join.op == "output":
             return self._barrier([fork], "fork whose branches never meet before the output", items)
         region = self._region(fork, join)
+        if _is_squeeze_excite(fork, join, region):
+            return self._barrier([*region, join], "squeeze-excite gate (pool -> 1x1 -> act -> 1x1 -> sigmoid -> mul)",
+                                 items)
         parsed = self._residual(fork, join, region)
         if isinstance(parsed, str):
             return self._barrier([*region, join], parsed, items)
@@ -304,12 +369,14 @@ class _Walker:
         forks.add(entry_boundary)
         body_items: list[Item] = []
         last = self.walk(fork, body_last, body_first, body_items, forks)
-        if last is not body_last or any(isinstance(i, Barrier) for i in body_items):
+        if last is not body_last:
             # Roll back: the block is opaque. Drop barriers the body walk recorded.
             self.barriers = [b for b in self.barriers if b not in body_items]
             forks.discard(entry_boundary)
             forks -= {b for b in forks if b > entry_boundary}
-            return self._barrier([*region, join], "residual body is not a conv/activation chain", items)
+            return self._barrier([*region, join], "residual body does not lead to its add", items)
+        # A body with barriers inside (a squeeze-excite gate, a pool, a norm) is a nested trunk: its chains
+        # between the barriers are segments, the block's fork and join stay positions.
         items.extend(body_items)
         out = join
         while len(out.users) == 1 and ops.is_identity(next(iter(out.users))):
@@ -361,6 +428,55 @@ class _Walker:
             if not isinstance(node, Node):
                 return None
         return list(reversed(chain))
+
+
+def _channel_scale(gm: GraphModule, node: Node, value: Node) -> bool:
+    """``node`` multiplies ``value`` by a stored tensor of one scale per channel (last dim)."""
+    if node.op != "call_function" or node.target is not aten.mul.Tensor or value not in node.args[:2]:
+        return False
+    other = node.args[1] if node.args[0] is value else node.args[0]
+    channels = (ir.shape_of(value) or (0,))[-1]
+    return ops.is_stored(other) and tuple(ir.get_param(gm, other).shape) == (channels,)  # type: ignore[arg-type]
+
+
+def _is_shape_query(node: Node) -> bool:
+    return node.op == "call_function" and node.target in (aten.sym_size.int, aten.sym_numel.default,
+                                                          aten.sym_stride.int)
+
+
+_GATES = frozenset({aten.sigmoid.default, aten.hardsigmoid.default, aten.sigmoid_.default, aten.hardsigmoid_.default})
+
+
+def _is_squeeze_excite(fork: Node, join: Node, region: list[Node]) -> bool:
+    """``x * gate(pool(x))``: the fork feeds the ``mul`` directly and a branch that starts with a global
+    pool and ends with a sigmoid (Hu et al., "Squeeze-and-Excitation Networks", CVPR 2018)."""
+    if join.op != "call_function" or join.target not in (aten.mul.Tensor, aten.mul_.Tensor) or fork not in join.args:
+        return False
+    gate = join.args[1] if join.args[0] is fork else join.args[0]
+    first = [n for n in region if fork in n.all_input_nodes]
+    return (isinstance(gate, Node) and gate.target in _GATES and len(first) == 1
+            and ops.kind_of(first[0]) == "pool")
+
+
+def _zero_pad(node: Node) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right) of a constant-zero, non-negative pad of the two spatial dims of a 4-D map."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.constant_pad_nd.default:
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    elif node.target is aten.pad.default:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        if mode != "constant":
+            return None
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+    else:
+        return None
+    pad = [int(v) for v in node.args[1]]  # type: ignore[union-attr]
+    shape = ir.shape_of(node.args[0])  # type: ignore[arg-type]
+    if (value or 0) != 0 or shape is None or len(shape) != 4 or len(pad) not in (2, 4) or min(pad) < 0:
+        return None
+    left, right, top, bottom = (pad + [0, 0])[:4]
+    return top, left, bottom, right
 
 
 def _op_name(node: Node) -> str:

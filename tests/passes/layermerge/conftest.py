@@ -48,3 +48,23 @@ def cnn_case() -> Callable[[str], Case]:
         return cache[name]
 
     return get
+
+
+HF_RESOLUTION = 80
+"""Odd map sizes deep in the network (80 -> 40 -> 20 -> 10 -> 5 -> 3): where re-padding goes wrong."""
+
+
+@pytest.fixture(scope="session")
+def hf_case() -> Callable[[str], Case]:
+    """``hf_case(name)``: a Hugging Face ``transformers`` CNN from a small config (:func:`zoo.hf_vision`)."""
+    pytest.importorskip("transformers")
+    cache: dict[str, Case] = {}
+
+    def get(name: str) -> Case:
+        if name not in cache:
+            model = zoo.hf_vision(name, image_size=HF_RESOLUTION)
+            gm, x = capture(model, HF_RESOLUTION)
+            cache[name] = Case(name, model, gm, x, analyze_trunk(gm), {})
+        return cache[name]
+
+    return get

@@ -7,72 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from depthfold import ir
 from depthfold.ir import ops
-from depthfold.passes.layermerge.apply import META_SEGMENT, apply_plan, merge_segments
+from depthfold.passes.layermerge.apply import apply_plan
 
-from .helpers import merge_cost, random_plan
+from .helpers import MAX_MERGE_COST, check_merge, merge_cost, random_plan
 
 aten = torch.ops.aten
-
-MAX_MERGE_COST = 1e9
-"""Random plans leave out merges that cost merge_segments more than this (dense float64 kernel
-composition: a 7x7 merge of three 512-channel convs costs ~1e11 multiply-adds, tens of seconds)."""
-
-REL_TOL = 1e-4
-
-
-def conv_count(gm: torch.fx.GraphModule) -> int:
-    return sum(ops.is_conv(n) for n in gm.graph.nodes)
-
-
-def random_batches(x: torch.Tensor, count: int = 2) -> list[torch.Tensor]:
-    return [torch.randn((2, *x.shape[1:]), generator=torch.Generator().manual_seed(100 + i)) for i in range(count)]
-
-
-def check_merge(case, plan, *, share_params: bool = False) -> None:  # type: ignore[no-untyped-def]
-    gm, trunk, x = case.gm, case.trunk, case.x
-    batches = random_batches(x)
-    code = gm.code
-    with torch.no_grad():
-        before = [gm(b) for b in batches]
-    compressed, segments = apply_plan(gm, trunk, plan, share_params=share_params)
-    assert compressed is not gm
-    with torch.no_grad():
-        after = [gm(b) for b in batches]
-    assert gm.code == code, "apply_plan edited the input graph"
-    for a, b in zip(before, after):
-        assert torch.equal(a, b), "apply_plan changed the input graph's outputs"
-
-    assert len(segments) == sum(c.kind == "merged" for c in plan)
-    ir.annotate(compressed, (x,))
-    merged, merged_convs = merge_segments(compressed, segments)
-    assert len(merged_convs) == len(segments)
-    nodes = {n.name: n for n in compressed.graph.nodes}
-    for seg, conv in zip(segments, merged_convs):
-        if conv is None:  # the identity: every conv pruned, no residual add folded in
-            assert not any(ops.is_conv(nodes[n]) or ops.is_residual_add(nodes[n]) for n in seg.nodes), seg
-    residue = [n.name for n in merged.graph.nodes
-               if META_SEGMENT in n.meta and n.target in (aten.constant_pad_nd.default, aten.slice.Tensor)]
-    assert not residue, f"re-padding nodes left after the merge: {residue}"
-    with torch.no_grad():
-        for batch, reference in zip(batches, before):
-            (want,) = ir.flatten_outputs(compressed(batch))
-            (got,) = ir.flatten_outputs(merged(batch))
-            assert got.shape == want.shape == reference.shape
-            scale = float(want.abs().max())
-            error = float((got - want).abs().max())
-            assert error <= REL_TOL * scale, f"merge error {error:.3g} vs output scale {scale:.3g}"
-    # A merged segment becomes at most one conv. The exception: a residual block whose body convs are all
-    # pruned (identity shortcut) is ``x + x`` in the compressed network, no conv, and merge_segments emits a
-    # 1x1 depthwise conv (weight 2) for it, as the latency table priced it.
-    conv_free = sum(not any(ops.is_conv(nodes[name]) for name in seg.nodes) for seg in segments)
-    assert conv_count(merged) <= conv_count(compressed) + conv_free
-    if not conv_free:
-        assert conv_count(merged) <= conv_count(compressed)
-    if not any(c.kind in ("merged", "pruned") for c in plan):
-        assert conv_count(compressed) == conv_count(gm)
-
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name", ["unseen", "resnet18", "mobilenetv2_100", "vgg19_bn"])
