@@ -1,6 +1,6 @@
 """LayerMerge on CNNs nobody here wrote, on ONNX Runtime CPU.
 
-Sections (``--sections realworld,digits``):
+Sections (``--sections realworld,digits,torch_pruning``):
 
 * ``realworld`` — Hugging Face ``transformers`` ResNet (basic, bottleneck), MobileNetV2 (``tf_padding`` on and
   off), EfficientNet-B0, RegNet-Y and ConvNeXt from small configs (``zoo.hf_vision``), plus zoo ResNet-18 and
@@ -12,6 +12,9 @@ Sections (``--sections realworld,digits``):
 * ``digits`` — HF ConvNeXt and EfficientNet-B0 trained on digits at 64x64 with the zoo trainer
   (``zoo.pretrained_digits``), compressed at ``--target`` with ``local`` importance and recovery: test accuracy
   of the original and of the compressed network, measured speedup.
+* ``torch_pruning`` — what a user would otherwise pick: digits ResNet-34 and MobileNetV2-1.0 (64x64) compressed
+  by LayerMerge and width-pruned by Torch-Pruning (PyPI ``torch-pruning``, its own L2-magnitude importance) to
+  the same measured ORT speedups (1.3x, 1.5x), both recovered with the same budget; test accuracy of each.
 
 Writes ``benchmarks/results/layermerge_realworld.{json,md}`` (sections merge into an existing file).
 
@@ -21,6 +24,7 @@ Writes ``benchmarks/results/layermerge_realworld.{json,md}`` (sections merge int
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -112,7 +116,10 @@ def bench_realworld(models: list[str], target: float, resolution: int, rounds: i
         measured = result.measure(rounds=rounds)["speedup"]
         row.update(
             coverage=_coverage_row(details), trunk={k: v for k, v in details["trunk"].items() if k != "barriers"},
-            predicted_speedup=details["latency"]["predicted_speedup"], measured_speedup=measured["median"],
+            predicted_speedup=details["latency"]["predicted_speedup"],
+            fastest_predicted_speedup=details["latency"]["fastest_predicted_speedup"],
+            replanning=[{k: a.get(k) for k in ("budget_ms", "predicted_ms", "measured_ms")} for a in details["replanning"]],
+            original_ms=details["latency"]["original_ms"], measured_speedup=measured["median"],
             measured_p10=measured["p10"], measured_p90=measured["p90"],
             measured_over_target=measured["median"] / row["ran_at"],
             onnx_max_rel_error=_onnx_error(result, [x, torch.randn(x.shape, generator=gen)]),
@@ -152,6 +159,70 @@ def bench_digits(models: list[str], target: float, resolution: int, rounds: int)
                      "coverage": _coverage_row(details), "optimize_s": seconds, "pretrain_s": train_s,
                      "plan": [p["label"] for p in details["plan"] if p["kind"] not in ("original", "barrier")]})
         print(f"{name}: acc {original:.4f} -> {compressed:.4f}, measured {measured['median']:.3f}", flush=True)
+    return rows
+
+
+def _prune_to_speedup(model: torch.nn.Module, x: torch.Tensor, target: float, backend, rounds: int  # type: ignore[no-untyped-def]
+                      ) -> tuple[torch.nn.Module, float, list[dict]]:
+    """Torch-Pruning's width pruning (its L2-magnitude importance, the classifier kept) at the channel ratio
+    whose measured ORT speedup is closest to ``target``: bisection on the ratio, each try timed interleaved."""
+    import torch_pruning as tp
+
+    lo, hi = 0.0, 0.9
+    tries: list[tuple[float, float, torch.nn.Module]] = []
+    for _ in range(7):
+        ratio = (lo + hi) / 2
+        pruned = copy.deepcopy(model)
+        pruner = tp.pruner.MetaPruner(pruned, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                      pruning_ratio=ratio,
+                                      ignored_layers=[m for m in pruned.modules() if isinstance(m, torch.nn.Linear)])
+        pruner.step()
+        speedup = backend.speedup(model, pruned.eval(), (x,), rounds=rounds)["median"]
+        tries.append((ratio, speedup, pruned))
+        if abs(speedup / target - 1) < 0.02:
+            break
+        lo, hi = (ratio, hi) if speedup < target else (lo, ratio)
+    ratio, speedup, pruned = min(tries, key=lambda t: abs(t[1] / target - 1))
+    return pruned, ratio, [{"ratio": r, "measured_speedup": s} for r, s, _ in tries]
+
+
+def bench_torch_pruning(models: list[str], targets: list[float], resolution: int, rounds: int) -> list[dict]:
+    """Depth (LayerMerge, local importance) vs width (Torch-Pruning) at the same measured speedup, both
+    recovered with the pass's recovery budget (200 distillation steps, lr 1e-4, label weight 0.5)."""
+    from depthfold.backends import get_backend
+
+    backend = get_backend("onnxruntime", "cpu", threads=1)
+    train, test = digits_datasets(resolution, channels=3)
+    x = train.tensors[0][:1]
+    rows = []
+    for name in models:
+        model = zoo.pretrained_digits(name, resolution)
+        original = evaluate_accuracy(model, test)
+        for target in targets:
+            start = time.perf_counter()
+            result = depthfold.optimize(model, (x,), [f"layermerge:speedup={target},importance=local"], data=train,
+                                        verify=False)
+            lm_s = time.perf_counter() - start
+            lm_speedup = result.measure(rounds=rounds)["speedup"]
+            start = time.perf_counter()
+            pruned, ratio, tries = _prune_to_speedup(model, x, target, backend, rounds=8)
+            before = evaluate_accuracy(pruned, test)
+            depthfold.recover(pruned, model, train.tensors, steps=200, lr=1e-4, batch_size=64, label_weight=0.5)
+            tp_s = time.perf_counter() - start
+            tp_speedup = backend.speedup(model, pruned.eval(), (x,), rounds=rounds)
+            row = {"model": name, "target": target, "resolution": resolution, "test_accuracy_original": original,
+                   "layermerge": {"test_accuracy": evaluate_accuracy(result.module, test),
+                                  "measured_speedup": lm_speedup["median"], "measured_p10": lm_speedup["p10"],
+                                  "measured_p90": lm_speedup["p90"], "seconds": lm_s},
+                   "torch_pruning": {"test_accuracy": evaluate_accuracy(pruned, test),
+                                     "test_accuracy_before_recovery": before, "pruning_ratio": ratio,
+                                     "measured_speedup": tp_speedup["median"], "measured_p10": tp_speedup["p10"],
+                                     "measured_p90": tp_speedup["p90"], "seconds": tp_s, "ratio_search": tries,
+                                     "parameters": sum(p.numel() for p in pruned.parameters())}}
+            rows.append(row)
+            print(f"{name} x{target}: layermerge acc {row['layermerge']['test_accuracy']:.4f} at "
+                  f"{lm_speedup['median']:.3f}x; torch-pruning acc {row['torch_pruning']['test_accuracy']:.4f} at "
+                  f"{tp_speedup['median']:.3f}x (ratio {ratio:.3f})", flush=True)
     return rows
 
 
@@ -196,14 +267,32 @@ def to_markdown(payload: dict) -> str:
                          f"{r['measured_speedup']:.3f} ({r['measured_p10']:.3f}–{r['measured_p90']:.3f}) | "
                          f"{r['predicted_speedup']:.3f} | {r['optimize_s']:.0f} |")
         lines.append("")
+    if payload.get("torch_pruning"):
+        lines += ["## Depth vs width: LayerMerge and Torch-Pruning at the same measured speedup (digits, 64x64)", "",
+                  "LayerMerge: `layermerge:speedup=T,importance=local` (its recovery: batch-norm recalibration, 200 "
+                  "distillation steps). Torch-Pruning 1.6.1: `MetaPruner` with its L2-magnitude importance, "
+                  "classifier kept, channel ratio bisected until the measured ORT speedup is within 2% of T (or "
+                  "the closest of 7 tries), then `depthfold.recover` with the same budget (200 steps, lr 1e-4, "
+                  "label weight 0.5). Speedups: medians of interleaved per-round ratios (p10–p90).", "",
+                  "| model | target | original acc | LayerMerge acc | LayerMerge speedup | Torch-Pruning acc "
+                  "| Torch-Pruning speedup | TP ratio |", "|---|---|---|---|---|---|---|---|"]
+        for r in payload["torch_pruning"]:
+            lm, tp = r["layermerge"], r["torch_pruning"]
+            lines.append(f"| {r['model']} | {r['target']} | {r['test_accuracy_original']:.4f} | "
+                         f"{lm['test_accuracy']:.4f} | {lm['measured_speedup']:.3f} ({lm['measured_p10']:.3f}–"
+                         f"{lm['measured_p90']:.3f}) | {tp['test_accuracy']:.4f} | {tp['measured_speedup']:.3f} "
+                         f"({tp['measured_p10']:.3f}–{tp['measured_p90']:.3f}) | {tp['pruning_ratio']:.3f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="realworld,digits")
+    parser.add_argument("--sections", default="realworld,digits,torch_pruning")
     parser.add_argument("--models", default=",".join(HF_MODELS + ZOO_MODELS))
     parser.add_argument("--digits-models", default="convnext,efficientnet_b0")
+    parser.add_argument("--pruning-models", default="resnet34,mobilenetv2_100")
+    parser.add_argument("--pruning-targets", default="1.3,1.5")
     parser.add_argument("--target", type=float, default=1.3)
     parser.add_argument("--resolution", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=20)
@@ -224,6 +313,12 @@ def main() -> None:
         rows = bench_digits(args.digits_models.split(","), args.target, 64, args.rounds)
         fresh = {r["model"] for r in rows}
         payload["digits"] = [r for r in payload.get("digits", []) if r["model"] not in fresh] + rows
+    if "torch_pruning" in sections:
+        rows = bench_torch_pruning(args.pruning_models.split(","), [float(t) for t in args.pruning_targets.split(",")],
+                                   64, args.rounds)
+        fresh = {(r["model"], r["target"]) for r in rows}
+        payload["torch_pruning"] = [r for r in payload.get("torch_pruning", [])
+                                    if (r["model"], r["target"]) not in fresh] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     out.with_suffix(".md").write_text(to_markdown(payload))

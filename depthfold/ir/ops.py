@@ -27,6 +27,7 @@ __all__ = [
     "is_linear",
     "is_stored",
     "is_residual_add",
+    "is_shape_query",
     "kind_of",
     "out_of_place",
     "spatial_dims",
@@ -120,6 +121,11 @@ def is_residual_add(node: Node) -> bool:
         return False
     tensors = [a for a in node.args[:2] if isinstance(a, Node) and a.op != "get_attr"]
     return len(tensors) == 2 and node.kwargs.get("alpha", 1) == 1
+
+
+def is_shape_query(node: Node) -> bool:
+    """A size query (``aten.sym_size``: a dynamic batch size read for a reshape): carries no tensor data."""
+    return _is_call(node) and node.target in (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int)
 
 
 def kind_of(node: Node) -> NodeKind:

@@ -28,6 +28,7 @@ from .._atomic import atomic_write
 from ..cache import cache_dir
 from ..errors import ArtifactError, ConfigError
 from .data import digits_datasets, lm_batches, split_corpus, text_corpus
+from .hf_vision import HF_VISION_MODELS, hf_vision
 from .registry import create, spec
 
 __all__ = [
@@ -150,7 +151,7 @@ def evaluate_accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int 
     total = 0
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            correct += int((model(x).argmax(dim=1) == y).sum())
+            correct += int((_logits(model(x)).argmax(dim=1) == y).sum())
             total += len(y)
     finally:
         model.train(was_training)
@@ -191,10 +192,18 @@ def evaluate_perplexity(
     return math.exp(total_loss / (n_windows * seq_len))
 
 
+def _logits(output: Any) -> torch.Tensor:
+    """A classifier's logits, whether it returns them or a ``transformers`` output holding them."""
+    return output.logits if hasattr(output, "logits") else output
+
+
 def _digits_kwargs(name: str, resolution: int, model_kwargs: dict[str, Any]) -> dict[str, Any]:
     if "num_classes" in model_kwargs and model_kwargs["num_classes"] != 10:
         raise ConfigError(f"digits has 10 classes; got num_classes={model_kwargs['num_classes']}")
     kwargs = {**model_kwargs, "num_classes": 10}
+    if name in HF_VISION_MODELS:
+        kwargs.setdefault("image_size", resolution)
+        return kwargs
     if spec(name).family == "vit":
         # A ViT's position embedding fixes its input size. Default to a 4x4 grid of patches: each covers
         # 2x2 pixels of the original 8x8 digit, so nothing is lost and there are only 17 tokens.
@@ -214,7 +223,8 @@ def pretrained_digits(
     use_cache: bool = True,
     **model_kwargs: Any,
 ) -> nn.Module:
-    """Return zoo model ``name`` trained on the digits train split (10 classes), in eval mode.
+    """Return zoo model ``name`` (or a Hugging Face one of ``HF_VISION_MODELS``) trained on the digits train
+    split (10 classes), in eval mode.
 
     Trains with AdamW, batch 64, linear warm-up then cosine decay, for ``epochs`` epochs (default from
     ``DEFAULT_DIGITS_EPOCHS``), on ``digits_datasets(resolution, in_chans, seed)``. Weights are cached as
@@ -234,8 +244,7 @@ def pretrained_digits(
     Raises:
         ConfigError: unknown model, a language model, or a bad option.
     """
-    s = spec(name)
-    if s.family == "llm":
+    if name not in HF_VISION_MODELS and spec(name).family == "llm":
         raise ConfigError(f"{name!r} is a language model; use pretrained_text({name!r}) instead")
     if resolution < 32:
         raise ConfigError(f"resolution must be at least 32 for the zoo's image models, got {resolution}")
@@ -249,7 +258,7 @@ def pretrained_digits(
     path = cache_path(f"{name}-digits-r{resolution}-s{seed}", key) if use_cache else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = create(name, **kwargs)
+        model = hf_vision(name, seed=seed, **kwargs) if name in HF_VISION_MODELS else create(name, **kwargs)
         if path is not None and _try_load(model, path):
             return model.eval()
         train, test = digits_datasets(resolution, channels=int(kwargs.get("in_chans", 3)), seed=seed)
@@ -278,7 +287,7 @@ def _train_classifier(
             yield from loader
 
     for x, y in _progress(steps(), progress, total, desc):
-        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        loss = F.cross_entropy(_logits(model(x)), y, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

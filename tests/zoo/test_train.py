@@ -194,3 +194,16 @@ def test_pretrained_digits_resnet18_real_training(tmp_path: Path, monkeypatch: p
     again = zoo.pretrained_digits("resnet18", resolution=32)
     assert _same_weights(model, again)
     assert zoo.evaluate_accuracy(again, test) >= 0.9
+
+
+def test_hugging_face_cnn_trains_on_digits(tmp_path: Path) -> None:
+    """A transformers classifier (it returns an output object holding the logits) trains with the zoo
+    recipe, is cached under its name, and learns: one epoch beats chance by far."""
+    pytest.importorskip("transformers")
+    _, test = zoo.digits_datasets(resolution=32)
+    untrained = zoo.evaluate_accuracy(zoo.hf_vision("regnet_y", image_size=32), test)
+    model = zoo.pretrained_digits("regnet_y", resolution=32, epochs=2)
+    assert type(model).__name__ == "RegNetForImageClassification"
+    assert [p.name for p in _cached_files(tmp_path)][0].startswith("regnet_y-digits-r32-s0-")
+    trained = zoo.evaluate_accuracy(model, test)
+    assert trained > max(0.5, untrained + 0.3), (untrained, trained)

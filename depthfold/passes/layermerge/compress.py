@@ -19,7 +19,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.fx import GraphModule
@@ -36,8 +36,8 @@ from ..registry import register_pass
 from .apply import META_SEGMENT, apply_plan, merge_segments
 from .candidates import Mode, SegmentChoice, enumerate_choices
 from .importance import build_importance_table
-from .latency_table import build_latency_table
-from .solver import Candidate, InfeasibleBudgetError, Plan, solve_plan
+from .latency_table import LatencyTable, build_latency_table
+from .solver import Candidate, InfeasibleBudgetError, Plan, fastest_latency, solve_plan
 from .trunk import Trunk, analyze_trunk
 
 __all__ = ["LayerMergeConfig", "layermerge"]
@@ -154,10 +154,13 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
     if missing:
         raise PassError(f"layermerge: segment ({missing[0]}, {missing[0] + 1}] has no 'original' candidate; "
                         "cannot relate the table to the whole model's latency")
-    table_original_ms = sum(latency.median_ms[i] for i in originals.values())
+    calibration = _calibrate(gm, inputs, context.latency_probe, latency, [latency.median_ms[i] for i in originals.values()],
+                             whole_ms)
+    layer_ms = [calibration["scale"] * ms for ms in latency.median_ms]
+    table_original_ms = sum(layer_ms[i] for i in originals.values())
     fixed_ms = whole_ms - table_original_ms
     target_ms = whole_ms / config.speedup if config.speedup is not None else float(config.latency_ms)  # type: ignore[arg-type]
-    candidates = [Candidate(c.start, c.end, latency.median_ms[i], importance.metric[i], i)
+    candidates = [Candidate(c.start, c.end, layer_ms[i], importance.metric[i], i)
                   for i, c in enumerate(choices)]
     clock = time.perf_counter()
     plan, attempts = _plan_with_feedback(gm, trunk, choices, candidates, inputs, context, config,
@@ -224,15 +227,17 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
         "latency": {"original_ms": whole_ms, "predicted_ms": predicted_ms, "measured_ms": measured_ms,
                     "predicted_speedup": whole_ms / predicted_ms, "measured_speedup": speedup["median"],
                     "measured_speedup_p10": speedup["p10"], "measured_speedup_p90": speedup["p90"],
-                    "prediction_error": measured_ms / predicted_ms - 1.0, "fixed_ms": fixed_ms},
+                    "prediction_error": measured_ms / predicted_ms - 1.0, "fixed_ms": fixed_ms,
+                    "fastest_predicted_speedup": whole_ms / (fastest_latency(candidates, trunk.num_positions)
+                                                             + fixed_ms)},
         "plan": [{**choices[c.choice].to_dict(), "label": choices[c.choice].label, "latency_ms": c.latency,
                   "importance": importance.importance[c.choice]} for c in plan.chosen],
         "importance_sum": sum(importance.importance[c.choice] for c in plan.chosen),
         "log_importance_sum": plan.importance,
         "trunk": trunk.summary(),
-        "coverage": _coverage(gm, trunk, choices, latency.median_ms, whole_ms),
+        "coverage": _coverage(gm, trunk, choices, layer_ms, whole_ms),
         "rejected_merges": dict(rejected.most_common(10)),
-        "tables": {"latency": latency.summary(), "importance": importance.summary()},
+        "tables": {"latency": latency.summary() | {"calibration": calibration}, "importance": importance.summary()},
         "timings": {**timings, "latency_table_s": latency.seconds, "importance_table_s": importance.seconds},
         "accuracy": {"original": importance.original_accuracy, "compressed": accuracy_compressed,
                      "batch_norms_recalibrated": recalibrated, "compressed_before_recovery": accuracy_before,
@@ -282,6 +287,24 @@ def _plan_with_feedback(gm: GraphModule, trunk: Trunk, choices: list[SegmentChoi
                                 predicted_ms=lambda plan: plan.latency + fixed_ms,
                                 score=lambda plan: plan.importance, identity=lambda plan: plan.chosen)
     return result.plan, result.attempts
+
+
+def _calibrate(gm: GraphModule, inputs: tuple[torch.Tensor, ...], probe: Any, latency: LatencyTable,
+               original_ms: list[float], whole_ms: float) -> dict[str, float]:
+    """Put a table of profiled kernel times in the units of the whole model's end-to-end latency.
+
+    A backend timing layers by their kernels (ORT CPU's profiler) reports each kernel with the profiler's
+    own per-node cost, which on a network of tiny layers is a large share: the layers then sum to more than
+    the whole model. Profiling the whole network the same way gives ``K``; every entry is scaled by
+    ``whole / max(K, sum of the original layers)``, so the original layers keep their share of ``K`` and
+    never exceed the whole model (the part outside the trunk stays >= 0)."""
+    if probe.layer_scope != "kernels":
+        return {"scale": 1.0}
+    network_ms = statistics.median(float(probe.measure_layer(gm, inputs, cold=latency.cold)["median_ms"])
+                                   for _ in range(_WHOLE_MEASUREMENTS))
+    table_ms = sum(original_ms)
+    return {"scale": whole_ms / max(network_ms, table_ms), "network_kernels_ms": network_ms,
+            "original_layers_ms": table_ms}
 
 
 def _coverage(gm: GraphModule, trunk: Trunk, choices: list[SegmentChoice], latency_ms: list[float],

@@ -36,7 +36,7 @@ from torch.fx.graph import CodeGen
 from ...cache import cache_dir
 from ...data import Samples
 from ...errors import ConfigError
-from ...ir import PortableGraph, digest_graph, digest_tensors, flatten_outputs
+from ...ir import PortableGraph, digest_graph, digest_tensors, flatten_outputs, ops
 from ..common import metrics
 from ..common.calibration import Calibration
 from ..common.jobs import job_location, run_jobs
@@ -216,7 +216,8 @@ def _suffix_inputs(gm: GraphModule, trunk: Trunk) -> dict[str, set[str]]:
     for position in trunk.positions[:-1]:
         inside = set(_descendants(gm, position.node))
         out[position.node] = {a.name for n in inside for a in n.all_input_nodes
-                              if a not in inside and a.op not in ("get_attr", "placeholder")}
+                              if a not in inside and a.op not in ("get_attr", "placeholder")
+                              and not ops.is_shape_query(a)}  # a batch size is read again in the suffix
     return out
 
 
@@ -240,13 +241,18 @@ def _extract(gm: GraphModule, members: list[Node], output: Any) -> tuple[GraphMo
     graph = Graph()
     env: dict[Node, Node] = {}
     feeds: list[str] = []
+    placeholders: list[Node] = []
 
     def arg(node: Node) -> Node:
         if node not in env:
             if node.op == "get_attr":
                 env[node] = graph.get_attr(node.target)  # type: ignore[arg-type]
+            elif ops.is_shape_query(node) and node.args[1:] == (0,) and placeholders:
+                # The batch size, read from the input before the members: every feed has it in dim 0.
+                env[node] = graph.call_function(node.target, (placeholders[0], 0))
             else:
                 env[node] = graph.placeholder(node.name)
+                placeholders.append(env[node])
                 feeds.append(node.name)
         return env[node]
 

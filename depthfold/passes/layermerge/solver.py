@@ -63,7 +63,7 @@ import numpy as np
 
 from ...errors import ConfigError, DepthfoldError, InfeasibleBudgetError
 
-__all__ = ["Candidate", "Plan", "solve_plan", "InfeasibleBudgetError", "DEFAULT_STEPS"]
+__all__ = ["Candidate", "Plan", "solve_plan", "fastest_latency", "InfeasibleBudgetError", "DEFAULT_STEPS"]
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +273,12 @@ def _backtrack(
         position = int(starts[index])
     chosen.reverse()
     return chosen
+
+
+def fastest_latency(candidates: Sequence[Candidate], num_positions: int) -> float:
+    """The smallest latency of any tiling of ``[0, num_positions]`` by ``candidates`` (the fastest plan)."""
+    starts, ends, lats, _ = _check_candidates(list(candidates), _check_positions(num_positions))
+    return _min_latency(starts, ends, lats, num_positions)
 
 
 def _min_latency(starts: np.ndarray, ends: np.ndarray, lats: np.ndarray, num_positions: int) -> float:

@@ -239,7 +239,7 @@ class _Walker:
         self.nodes = {n.name: n for n in gm.graph.nodes}
         view = ir.to_networkx(gm)
         # Shape queries (a dynamic batch size read for a reshape) carry no data: not a fork.
-        view.remove_nodes_from([n.name for n in gm.graph.nodes if _is_shape_query(n)])
+        view.remove_nodes_from([n.name for n in gm.graph.nodes if ops.is_shape_query(n)])
         output = next(n.name for n in gm.graph.nodes if n.op == "output")
         # Post-dominators: dominators of the reversed graph rooted at the output.
         self.ipdom = nx.immediate_dominators(view.reverse(copy=True), output)
@@ -249,7 +249,7 @@ class _Walker:
     def walk(self, prev: Node, end: Node | None, first: Node | None, items: list, forks: set[int]) -> Node:
         """Consume nodes after ``prev`` until ``end`` (``None``: the output); return the last node."""
         while prev is not end:
-            users = [u for u in prev.users if not _is_shape_query(u)]
+            users = [u for u in prev.users if not ops.is_shape_query(u)]
             if first is not None:
                 users, first = [first], None
             if not users or any(u.op == "output" for u in users) and len(users) == 1:
@@ -437,11 +437,6 @@ def _channel_scale(gm: GraphModule, node: Node, value: Node) -> bool:
     other = node.args[1] if node.args[0] is value else node.args[0]
     channels = (ir.shape_of(value) or (0,))[-1]
     return ops.is_stored(other) and tuple(ir.get_param(gm, other).shape) == (channels,)  # type: ignore[arg-type]
-
-
-def _is_shape_query(node: Node) -> bool:
-    return node.op == "call_function" and node.target in (aten.sym_size.int, aten.sym_numel.default,
-                                                          aten.sym_stride.int)
 
 
 _GATES = frozenset({aten.sigmoid.default, aten.hardsigmoid.default, aten.sigmoid_.default, aten.hardsigmoid_.default})
