@@ -98,6 +98,16 @@ def test_layermerge_zero_shot_end_to_end(setup: Setup, zero_shot) -> None:
     assert details["tables"]["importance"]["estimator"] == "zero_shot"
     assert details["tables"]["importance"]["trained"] == 0
     assert details["tables"]["latency"]["candidates"] >= num_positions
+    # ORT CPU times layers by their kernels: the table is calibrated against the whole network's profile,
+    # and the part of the model outside the trunk is never negative.
+    calibration = details["tables"]["latency"]["calibration"]
+    assert calibration["scale"] == pytest.approx(
+        latency["original_ms"] / max(calibration["network_kernels_ms"], calibration["original_layers_ms"]))
+    assert latency["fixed_ms"] >= -1e-9
+    coverage = details["coverage"]
+    assert 0 < coverage["compressible"] <= coverage["on_trunk"] <= coverage["layers"]
+    assert 0 < coverage["compressible_latency_share"] <= 1 + 1e-9
+    assert [b["node"] for b in coverage["barriers"]] == [s["site"] for s in record.skipped]
     assert details["recovery"]["steps"] == 5
     assert details["accuracy"]["samples"] == 32 and details["accuracy"]["synthetic_data"] is False
     assert any(s["reason"].startswith("barrier: branches meet at cat") for s in record.skipped)

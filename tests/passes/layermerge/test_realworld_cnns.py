@@ -16,6 +16,7 @@ from depthfold.ir import ops
 from depthfold.passes import PassContext, PassManager
 from depthfold.passes.layermerge.apply import apply_plan, merge_segments
 from depthfold.passes.layermerge.candidates import enumerate_choices
+from depthfold.passes.layermerge.latency_table import choice_spec
 from depthfold.passes.layermerge.trunk import Barrier, Join, Layer, analyze_trunk
 
 from .helpers import MAX_MERGE_COST, check_merge, merge_cost, random_plan
@@ -190,3 +191,20 @@ def test_merges_beyond_the_kernel_bound_are_counted_with_their_reason(hf_case) -
     bounded = enumerate_choices(trunk, max_kernel=3, rejected=rejected)
     assert rejected["merged kernel larger than max_kernel=3"] > 0
     assert all(c.geometry is None or max(c.geometry.kernel) <= 3 for c in bounded)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("convnext", "linear"), ("mobilenetv2_tf_padding", "pad"),
+                                            ("regnet_y", "conv")])
+def test_new_layer_kinds_are_priced_as_deployed(hf_case, name: str, kind: str) -> None:
+    """The latency table's layer graph of a candidate holds what deployment runs (a linear, an explicit pad
+    before a valid conv, a grouped conv) and yields the segment's output shape."""
+    case = hf_case(name)
+    wanted = {"linear": lambda op: op[0] == "linear", "pad": lambda op: op[0] == "pad",
+              "conv": lambda op: op[0] == "conv" and 1 < op[-1] and op[-1] != op[1]}[kind]
+    specs = [(c, choice_spec(case.gm, case.trunk, c)) for c in case.enumerate()]
+    found = [(c, s) for c, s in specs if s is not None and any(wanted(op) for op in s.ops)]
+    assert found, f"no {kind} layer in the table"
+    for choice, spec in found[:5]:
+        with torch.no_grad():
+            out = spec.to_graph()(*spec.example_inputs())
+        assert tuple(out.shape) == case.trunk.positions[choice.end].shape, (choice.label, spec.ops)
