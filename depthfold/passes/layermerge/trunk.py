@@ -271,7 +271,7 @@ class _Walker:
             return prev
         data_inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
         if data_inputs != [prev] or node.args[0] is not prev:
-            return self._barrier([node], f"{node.target} reads other tensors besides the trunk", items)
+            return self._barrier([node], f"{_target_name(node)} reads other tensors besides the trunk", items)
         if ops.is_identity(node):
             return node
         pads = _zero_pad(node)
@@ -299,7 +299,13 @@ class _Walker:
         if node.op == "call_function" and node.target in POINTWISE_ACTIVATIONS:
             items.append(Act(node.name, node.name))
             return node
-        return self._barrier([node], f"{_op_name(node)} is not a conv or pointwise activation", items)
+        kind = ops.kind_of(node)
+        if kind == "norm":
+            return self._barrier([node], f"normalisation {_target_name(node)} (divides by statistics of its input: "
+                                         "not affine)", items)
+        if kind == "pool":
+            return self._barrier([node], f"pooling {_target_name(node)}", items)
+        return self._barrier([node], f"{_target_name(node)} is not a conv, linear or pointwise activation", items)
 
     def _layer(self, conv: Node, end: Node | None, pad: Node | None = None,
                pads: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Layer | str:
@@ -472,6 +478,11 @@ def _zero_pad(node: Node) -> tuple[int, int, int, int] | None:
         return None
     left, right, top, bottom = (pad + [0, 0])[:4]
     return top, left, bottom, right
+
+
+def _target_name(node: Node) -> str:
+    """``layer_norm.default`` for ``aten.layer_norm.default``."""
+    return str(getattr(node.target, "__name__", node.target))
 
 
 def _op_name(node: Node) -> str:
