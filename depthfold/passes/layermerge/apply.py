@@ -192,9 +192,11 @@ def _rewrite_merged(gm: GraphModule, nodes: _Nodes, trunk: Trunk, choice: Segmen
                 for layer in item.side:
                     side, s_stride, s_pad = _emit_layer(emit, nodes, layer, side, s_stride, s_pad)
                 join_pad = [max(a, b) for a, b in zip(pad, s_pad)]
-                body_c = _emit_crop(emit, cur, [(p - b) // s for p, b, s in zip(join_pad, pad, stride)], add)
-                side_c = _emit_crop(emit, side, [(p - b) // s for p, b, s in zip(join_pad, s_pad, stride)], add)
-                body_c, side_c = _emit_match(emit, body_c, side_c, add)
+                body_c, side_c = cur, side
+                if not geometry.linear:  # channels-last linears keep every position: nothing to align
+                    body_c = _emit_crop(emit, cur, [(p - b) // s for p, b, s in zip(join_pad, pad, stride)], add)
+                    side_c = _emit_crop(emit, side, [(p - b) // s for p, b, s in zip(join_pad, s_pad, stride)], add)
+                    body_c, side_c = _emit_match(emit, body_c, side_c, add)
                 args = [None, None]
                 args[item.body_arg], args[1 - item.body_arg] = body_c, side_c
                 cur = emit(add.target, tuple(args), add, [add])

@@ -316,8 +316,6 @@ class _Walker:
         p = ops.conv_params(conv)
         if any(d != 1 for d in p.dilation):
             return "dilated conv"
-        if isinstance(p.padding, str):
-            return "asymmetric 'same' padding"
         if not ops.is_stored(p.weight) or (p.bias is not None and not ops.is_stored(p.bias)):
             return "conv weight is computed, not stored"
         in_shape, out_shape = ir.shape_of(pad.args[0] if pad is not None else p.input), ir.shape_of(conv)
@@ -335,8 +333,13 @@ class _Walker:
             if not (ops.is_identity(user) and user.args[0] is last):
                 break
             last = user
-        begin = (pads[0] + p.padding[0], pads[1] + p.padding[1])
-        finish = (pads[2] + p.padding[0], pads[3] + p.padding[1])
+        if isinstance(p.padding, str):  # 'same' with an even kernel: the extra pixel goes bottom/right, as in ATen
+            totals = [k - 1 for k in weight.shape[2:]]
+            own_begin, own_end = tuple(t // 2 for t in totals), tuple(t - t // 2 for t in totals)
+        else:
+            own_begin = own_end = p.padding
+        begin = (pads[0] + own_begin[0], pads[1] + own_begin[1])
+        finish = (pads[2] + own_end[0], pads[3] + own_end[1])
         return Layer(conv.name, bn.name if bn is not None else None, last.name, int(in_shape[1]),
                      int(out_shape[1]), tuple(int(k) for k in weight.shape[2:]), p.stride, begin,  # type: ignore[arg-type]
                      p.groups, tuple(in_shape), tuple(out_shape), pad.name if pad is not None else None,
@@ -472,7 +475,9 @@ def _zero_pad(node: Node) -> tuple[int, int, int, int] | None:
         value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
     else:
         return None
-    pad = [int(v) for v in node.args[1]]  # type: ignore[union-attr]
+    if not all(isinstance(v, int) for v in node.args[1]):  # type: ignore[union-attr]
+        return None  # pad amounts computed at run time
+    pad = list(node.args[1])  # type: ignore[arg-type]
     shape = ir.shape_of(node.args[0])  # type: ignore[arg-type]
     if (value or 0) != 0 or shape is None or len(shape) != 4 or len(pad) not in (2, 4) or min(pad) < 0:
         return None

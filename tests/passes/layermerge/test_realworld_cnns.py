@@ -19,6 +19,7 @@ from depthfold.passes.layermerge.candidates import enumerate_choices
 from depthfold.passes.layermerge.latency_table import choice_spec
 from depthfold.passes.layermerge.trunk import Barrier, Join, Layer, analyze_trunk
 
+from .conftest import Case
 from .helpers import MAX_MERGE_COST, check_merge, merge_cost, random_plan
 
 HF_MODELS = ["resnet_basic", "resnet_bottleneck", "mobilenetv2_tf_padding", "mobilenetv2", "efficientnet_b0",
@@ -208,3 +209,67 @@ def test_new_layer_kinds_are_priced_as_deployed(hf_case, name: str, kind: str) -
         with torch.no_grad():
             out = spec.to_graph()(*spec.example_inputs())
         assert tuple(out.shape) == case.trunk.positions[choice.end].shape, (choice.label, spec.ops)
+
+
+class _SamePadded(nn.Module):
+    """A conv with ``padding="same"`` and an even kernel: torch pads one pixel more at the bottom/right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 4, padding="same")
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+        return x.mean((2, 3))
+
+
+def test_even_kernel_same_padding_is_an_asymmetric_layer_that_merges_exactly() -> None:
+    x = torch.randn(1, 3, 15, 15)
+    model = _SamePadded().eval()
+    gm = ir.capture(model, (x,)).graph_module
+    case = Case("same", model, gm, x, analyze_trunk(gm), {})
+    (even,) = [layer for layer in case.trunk.layers() if layer.kernel == (4, 4)]
+    assert (even.padding, even.end_padding) == ((1, 1), (2, 2))
+    h = torch.randn(1, 8, 15, 15)
+    with torch.no_grad():  # torch's convention, which the folded padding must match
+        explicit = nn.functional.conv2d(nn.functional.pad(h, [1, 2, 1, 2]), model.b.weight, model.b.bias)
+        torch.testing.assert_close(model.b(h), explicit)
+    merged = [c for c in case.enumerate() if c.kind == "merged" and even.conv in c.kept]
+    assert merged
+    for choice in merged:
+        check_merge(case, [choice])
+
+
+class _ChannelsLastMixer(nn.Module):
+    """Conv stem, then residual MLP blocks ``x + fc2(gelu(fc1(x)))`` (no norm) on channels-last maps or on
+    (batch, tokens, channels) sequences: a residual block of linears folds into one Linear (I + W2 W1)."""
+
+    def __init__(self, tokens: bool) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.fc3, self.fc4 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x.flatten(2).transpose(1, 2) if self.tokens else x.permute(0, 2, 3, 1)
+        x = x + self.fc2(nn.functional.gelu(self.fc1(x)))
+        x = torch.relu(x + self.fc4(torch.relu(self.fc3(x))))
+        return self.head(x.mean(1) if self.tokens else x.mean((1, 2)))
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_residual_linear_blocks_fold_into_one_linear(tokens: bool) -> None:
+    x = torch.randn(1, 3, 16, 16)
+    model = _ChannelsLastMixer(tokens).eval()
+    gm = ir.capture(model, (x,)).graph_module
+    case = Case("mixer", model, gm, x, analyze_trunk(gm), {})
+    assert sum(layer.linear for layer in case.trunk.layers()) == 4  # the classifier on a flat vector is not
+    absorbed = [c for c in case.enumerate() if c.kind == "merged" and c.absorbed]
+    assert absorbed and all(c.geometry.linear for c in absorbed)
+    for choice in [c for c in case.enumerate() if c.kind in ("merged", "pruned")]:
+        check_merge(case, [choice])
