@@ -80,9 +80,22 @@ HF_VISION_MODELS: dict[str, Callable[[int, int], torch.nn.Module]] = {
 """Name -> builder ``(num_classes, image_size)``; small configs of each architecture."""
 
 
+_NORMS = (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
 def hf_vision(name: str, *, num_classes: int = 10, image_size: int = 96, seed: int = 0) -> torch.nn.Module:
-    """A ``transformers`` image classifier from a small config, random weights (seeded), in eval mode."""
+    """A ``transformers`` image classifier from a small config, random weights (seeded), in eval mode.
+
+    The norms' scales and shifts are then set to torch's defaults (1 and 0): ``transformers`` initialises
+    some of these models' batch-norm scales like conv weights (N(0, 0.02): EfficientNet), so every block
+    shrinks its input ~50x, the random network's output is the same for every input and it cannot train."""
     if name not in HF_VISION_MODELS:
         raise ConfigError(f"unknown Hugging Face vision model {name!r}; choose one of {sorted(HF_VISION_MODELS)}")
     torch.manual_seed(seed)
-    return HF_VISION_MODELS[name](num_classes, image_size).eval()
+    model = HF_VISION_MODELS[name](num_classes, image_size)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, _NORMS) and module.weight is not None:
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+    return model.eval()
