@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 from . import ops
+from .blocks import (
+    AttentionSite,
+    Sublayer,
+    TransformerBlock,
+    TransformerStack,
+    attention_site,
+    find_stack,
+    remove_dead,
+)
 from .capture import (
     CapturedModel,
     capture,
@@ -33,6 +42,7 @@ from .graph import (
     record_origin,
     set_param,
     shape_of,
+    tap,
     to_module,
 )
 from .serialize import PortableGraph, graph_from_bytes, graph_to_bytes
@@ -59,12 +69,13 @@ from .view import (
 )
 
 __all__ = [
-    "CapturedModel", "ErrorStats", "META_DTYPE", "META_DYNAMIC_DIMS", "META_FROM", "META_MODULE_PATH", "META_MODULE_TYPE",
+    "AttentionSite", "CapturedModel", "ErrorStats", "Sublayer", "TransformerBlock", "TransformerStack",
+    "attention_site", "find_stack", "remove_dead", "META_DTYPE", "META_DYNAMIC_DIMS", "META_FROM", "META_MODULE_PATH", "META_MODULE_TYPE",
     "META_SHAPE", "PortableGraph", "RepeatedBlocks", "ResidualBlock", "TOLERANCE", "annotate", "attention_sites",
     "capture", "check_equivalent", "clone", "compare_outputs", "compute_nodes", "describe_inputs", "digest_graph", "digest_tensors", "dynamic_dims", "free_dims", "input_names",
     "split_inputs",
     "flatten_outputs", "get_param", "graph_from_bytes", "graph_stats", "graph_to_bytes", "is_shared", "ownership_problem", "set_param", "immediate_dominators", "linear_chains",
     "locate_divergence", "module_path", "new_param", "normalize_inputs", "op_histogram", "ops",
     "prune_unused_attributes", "random_inputs_like", "record_origin", "repeated_blocks",
-    "residual_blocks", "shape_of", "structural_check", "to_module", "to_networkx",
+    "residual_blocks", "shape_of", "structural_check", "tap", "to_module", "to_networkx",
 ]

@@ -36,6 +36,7 @@ __all__ = [
     "record_origin",
     "set_param",
     "shape_of",
+    "tap",
     "to_module",
 ]
 
@@ -184,6 +185,20 @@ def _describe(value: Any) -> tuple[Any, Any]:
         pairs = [_describe(v) for v in value]
         return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
     return None, type(value).__name__
+
+
+def tap(gm: GraphModule, names: Sequence[str]) -> GraphModule:
+    """A GraphModule sharing ``gm``'s parameters whose output is ``(original output, [values of named nodes])``.
+
+    Raises:
+        KeyError: a name that is no node of ``gm``.
+    """
+    nodes = {node.name: node for node in gm.graph.nodes if node.op != "output"}
+    graph = torch.fx.Graph()
+    value_map: dict[Any, Any] = {}
+    output = graph.graph_copy(gm.graph, value_map)
+    graph.output((output, [value_map[nodes[name]] for name in names]))
+    return GraphModule(gm, graph, class_name=f"{type(gm).__name__}WithFeatures")
 
 
 def annotate(gm: GraphModule, example_inputs: Iterable[torch.Tensor]) -> GraphModule:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx import Graph, GraphModule
+from torch.fx import GraphModule
 from torch.utils.data import TensorDataset
 
 from .. import ir
@@ -408,11 +408,7 @@ def _tap_graph(gm: GraphModule, names: list[str], role: str) -> GraphModule:
             raise ConfigError(f"{role} graph has no node {name!r} to take a feature from"
                               f"{_hint(name, nodes)} Valid node names include {compute[:8]} "
                               "(print the graph for all)")
-    graph = Graph()
-    value_map: dict[Any, Any] = {}
-    output = graph.graph_copy(gm.graph, value_map)
-    graph.output((output, [value_map[nodes[name]] for name in names]))
-    return GraphModule(gm, graph, class_name=f"{type(gm).__name__}WithFeatures")
+    return ir.tap(gm, names)
 
 
 def _expected_inputs(model: nn.Module) -> str:

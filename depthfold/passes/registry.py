@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -111,7 +112,7 @@ def parse_pass(spec: str | tuple[str, Any] | PassSpec) -> PassSpec:
     if options.strip():
         hints = typing.get_type_hints(info.config)
         fields = {f.name for f in dataclasses.fields(info.config)}
-        for item in options.split(","):
+        for item in _option_items(options):
             key, eq, raw = item.partition("=")
             key = key.strip()
             if not eq or not key:
@@ -125,6 +126,18 @@ def parse_pass(spec: str | tuple[str, Any] | PassSpec) -> PassSpec:
         return PassSpec(info, info.config(**values))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid options for pass {info.name!r}: {err}") from err
+
+
+def _option_items(options: str) -> list[str]:
+    """``key=value`` items of a spec; a comma-separated piece without ``=`` continues the value before it, so
+    tuples can be written ``sources=0,0,2,2`` as well as ``sources=0+0+2+2``."""
+    items: list[str] = []
+    for piece in options.split(","):
+        if "=" not in piece and items and piece.strip():
+            items[-1] += "," + piece
+        else:
+            items.append(piece)
+    return items
 
 
 def _parse_value(raw: str, hint: Any, where: str) -> Any:
@@ -145,7 +158,7 @@ def _parse_value(raw: str, hint: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {raw!r} is not one of {', '.join(map(str, args))}")
     if origin is tuple:
         item = args[0] if args else str
-        return tuple(_parse_value(part, item, where) for part in raw.split("+") if part)
+        return tuple(_parse_value(part.strip(), item, where) for part in re.split(r"[+,]", raw) if part.strip())
     if hint is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
@@ -168,4 +181,13 @@ def _parse_value(raw: str, hint: Any, where: str) -> Any:
 
 def _load_builtin_passes() -> None:
     # Importing the package registers every built-in pass (each module decorates its function).
-    from . import fold_bn, fuse_qkv, layermerge, merge_linear_chains, recover  # noqa: F401
+    from . import (  # noqa: F401
+        collapse_blocks,
+        drop_layers,
+        fold_bn,
+        fuse_qkv,
+        kv_share,
+        layermerge,
+        merge_linear_chains,
+        recover,
+    )

@@ -2,8 +2,10 @@
 
 Each metric compares the student's outputs with the teacher's (the pipeline's original) on the same
 samples: ``accuracy`` (top-1 against labels), ``kl`` (KL(teacher || student) of the output softmax),
-``perplexity`` (of a causal LM on its own next tokens, Jelinek et al. 1977) and ``cosine`` (mean cosine
-similarity of the outputs, e.g. sentence embeddings; mean-pooled over the attention mask for token outputs).
+``perplexity`` (of a causal LM on its own next tokens, Jelinek et al. 1977), ``cosine`` (mean cosine
+similarity of the outputs, e.g. sentence embeddings; mean-pooled over the attention mask for token outputs) and
+``token_cosine`` (cosine per position, averaged over the unpadded positions: how close token representations
+or logits stay, the similarity LaCo and ShortGPT use).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ...data import Samples
 from ...errors import ConfigError, suggest
 
 __all__ = ["METRICS", "Metric", "accuracy", "batched_outputs", "check_metrics", "cosine", "evaluate", "kl_divergence", "logits_of",
-           "perplexity"]
+           "perplexity", "token_cosine", "token_mask"]
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,8 @@ def perplexity(teacher: torch.Tensor, student: torch.Tensor, samples: Samples) -
         return None
     names = dict(zip(samples.names, samples.inputs))
     tokens = samples.labels if samples.labels is not None and samples.labels.dim() == 2 else names.get("input_ids")
-    if tokens is None or tokens.shape != student.shape[:2]:
-        return None
+    if tokens is None or tokens.shape != student.shape[:2] or int(tokens.max()) >= student.shape[-1]:
+        return None  # not next-token logits over this vocabulary (say, hidden states of an encoder)
     target = tokens[:, 1:].clone()
     mask = names.get("attention_mask")
     if mask is not None and mask.shape == tokens.shape:
@@ -107,11 +109,28 @@ def cosine(teacher: torch.Tensor, student: torch.Tensor, samples: Samples) -> fl
     return float(F.cosine_similarity(student.flatten(1).double(), teacher.flatten(1).double(), dim=-1).mean())
 
 
+def token_mask(samples: Samples, shape: Sequence[int]) -> torch.Tensor | None:
+    """The samples' ``attention_mask`` as a bool ``[N, S]`` tensor when it matches ``shape[:2]``, else None."""
+    mask = dict(zip(samples.names, samples.inputs)).get("attention_mask")
+    return mask.bool() if mask is not None and tuple(mask.shape) == tuple(shape[:2]) else None
+
+
+def token_cosine(teacher: torch.Tensor, student: torch.Tensor, samples: Samples) -> float:
+    """Mean cosine similarity along the last dimension per position, over unpadded positions (``[N, S, H]``;
+    other ranks are compared per sample)."""
+    if student.dim() != 3:
+        return cosine(teacher, student, samples)
+    cos = F.cosine_similarity(student.double(), teacher.double(), dim=-1)
+    mask = token_mask(samples, cos.shape)
+    return float(cos[mask].mean() if mask is not None else cos.mean())
+
+
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("accuracy", True, accuracy),
     Metric("kl", False, kl_divergence),
     Metric("perplexity", False, perplexity),
     Metric("cosine", True, cosine),
+    Metric("token_cosine", True, token_cosine),
 )}
 
 
