@@ -15,14 +15,16 @@ from torch.fx import GraphModule
 
 from . import ir
 from ._atomic import atomic_write, ensure_writable_dir
+from .backends import decoder as decoder_backend
 from .backends import latency as latency_mod
 from .backends import onnx as onnx_backend
 from .backends.base import Target
 from .backends.probe import LatencyProbe
+from .errors import ConfigError
 from .passes import PassContext, PassManager, PassRecord
 from .report import new_report, render_markdown
 
-__all__ = ["DEFAULT_PASSES", "EXACT_PASSES", "OptimizeResult", "optimize"]
+__all__ = ["DEFAULT_PASSES", "EXACT_PASSES", "OptimizeResult", "export_decoder", "generate", "optimize"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +154,38 @@ def optimize(model: nn.Module, example_inputs: Any, passes: Sequence[Any] = DEFA
         ir.graph_stats(original, inputs), ir.graph_stats(pipeline.graph_module, inputs), verification)
     report["capture"] = {"input_names": list(captured.input_names), **captured.dynamic}
     return OptimizeResult(pipeline.graph_module, original, inputs, pipeline.records, report, probe)
+
+
+def export_decoder(source: OptimizeResult | nn.Module, example_inputs: Any = None, out_dir: str | Path = "out/decoder",
+                   *, max_length: int | None = None, opset: int | None = None) -> decoder_backend.DecoderArtifact:
+    """Write the KV-cache decode step of a causal LM as ``decoder.onnx`` + ``decoder.json`` (Optimum's names).
+
+    Args:
+        source: an :class:`OptimizeResult` (its optimized module, e.g. after ``kv_share``) or a model, which is
+            captured on ``example_inputs`` (token ids, or a dict with ``input_ids`` and ``attention_mask``).
+        example_inputs: needed for a model; ignored for a result.
+        out_dir: where both files go (written atomically).
+        max_length: longest ``past + seq`` supported; default the capture's sequence bound (a model's
+            ``max_position_embeddings`` or the length its position tables allow).
+
+    The decode step is checked against the full model and the ONNX file against torch before anything is
+    written; for a result, ``report["decoder"]`` records the cache layout.
+    """
+    if isinstance(source, OptimizeResult):
+        gm, bound = source.module, source.report.get("capture", {}).get("max_seq")
+    else:
+        if example_inputs is None:
+            raise ConfigError("export_decoder(model, example_inputs, out_dir): a model needs example inputs "
+                              "(token ids) to be captured")
+        captured = ir.capture(source, example_inputs)
+        gm, bound = captured.graph_module, captured.dynamic.get("max_seq")
+    artifact = decoder_backend.export_decoder(gm, out_dir, max_length=max_length or bound, opset=opset)
+    if isinstance(source, OptimizeResult):
+        source.report["decoder"] = {"dir": str(Path(out_dir)), **artifact.meta}
+    return artifact
+
+
+generate = decoder_backend.generate
 
 
 def _json_default(value: Any) -> Any:

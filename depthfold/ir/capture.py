@@ -43,7 +43,7 @@ class CapturedModel:
     input_names: tuple[str, ...] = field(default=())
     dynamic: dict[str, Any] = field(default_factory=dict)
     """Which dimensions were captured dynamic: ``{"batch": bool, "seq": bool, "dims": {input: [dims]},
-    "fallback": reason or None}``."""
+    "fallback": reason or None, "max_seq": the sequence bound the capture holds for, or None}``."""
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -217,9 +217,10 @@ def _export(model: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, 
     """Export dynamic (batch and sequence, then batch only) where the model allows it, else static."""
     inputs = (*args, *kwargs.values())
     max_seq = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    attempts = ([True, False] if any(_is_token(t) for t in inputs) else [False]) if dynamic else []
+    attempts: list[Any] = ([True, False] if any(_is_token(t) for t in inputs) else [False]) if dynamic else []
     reasons = []
-    for seq in attempts:
+    while attempts:
+        seq = attempts.pop(0)
         specs = _dynamic_spec(inputs, seq, max_seq)
         wide = [_widen(t, list(s)) for t, s in zip(inputs, specs)]
         wide_args, wide_kwargs = tuple(wide[:len(args)]), dict(zip(kwargs, wide[len(args):]))
@@ -227,9 +228,18 @@ def _export(model: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, 
             with _quiet_fake_tensor():
                 exported = torch.export.export(model, wide_args, kwargs=wide_kwargs, strict=False,
                                                dynamic_shapes=_shapes_for(model, args, kwargs, specs))
-            report = {"batch": True, "seq": any(1 in s for s in specs), "fallback": "; ".join(reasons) or None}
+            seq_dynamic = any(1 in s for s in specs)
+            report = {"batch": True, "seq": seq_dynamic, "fallback": "; ".join(reasons) or None,
+                      "max_seq": max_seq if seq_dynamic else None}
             return exported, report
         except Exception as err:  # any failure: the model pins that size; try less dynamic
+            bound = _sequence_bound(err) if seq else None
+            if bound is not None and bound != max_seq:
+                # The model checks its sequence length against a maximum (rotary tables, position embeddings):
+                # capture the sequence dynamic up to that bound.
+                max_seq = bound
+                attempts.insert(0, True)
+                continue
             what = "batch and sequence" if seq else "batch"
             reasons.append(f"{what} not dynamic: {_constraint_reason(err)}")
             logger.info("capture: %s of %s cannot be dynamic (%s); trying %s", what, name, reasons[-1],
@@ -241,7 +251,7 @@ def _export(model: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, 
     if reasons:
         logger.warning("capture: %s captured with static shapes (%s); passes that calibrate run it at the "
                        "example batch size", name, "; ".join(reasons))
-    return exported, {"batch": False, "seq": False, "fallback": "; ".join(reasons) or None}
+    return exported, {"batch": False, "seq": False, "fallback": "; ".join(reasons) or None, "max_seq": None}
 
 
 def _shapes_for(model: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor],
@@ -259,6 +269,12 @@ def _shapes_for(model: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[s
         elif var_kw is not None:
             out.setdefault(var_kw, {})[key] = spec
     return out
+
+
+def _sequence_bound(err: BaseException) -> int | None:
+    """The upper bound in an export guard like ``2 <= L['x'].size()[1] and L['x'].size()[1] <= 128``."""
+    match = re.search(r"\.size\(\)\[1\] <= (\d+)", str(err))
+    return int(match.group(1)) if match else None
 
 
 def _constraint_reason(err: BaseException) -> str:

@@ -48,7 +48,8 @@ class KVShareConfig:
     """Per attention layer, the layer whose K/V it uses (``sources=0,0,2,2``); ``sources[i] <= i`` and every
     source is its own source."""
     preset: Literal["none", "cla2", "cla3"] = "none"
-    """Cross-Layer Attention groups: ``cla2`` shares each pair of adjacent layers, ``cla3`` each triple."""
+    """Cross-Layer Attention groups: ``cla2`` shares each pair of adjacent layers, ``cla3`` each triple (when
+    neither ``sources`` nor ``ratio`` is given either, ``cla2``)."""
     ratio: float = 0.0
     """Choose the sharing from calibration data so that this share of the layers reuse another's K/V."""
     criterion: Literal["dissimilar", "similar"] = "dissimilar"
@@ -62,9 +63,9 @@ class KVShareConfig:
 
     def __post_init__(self) -> None:
         given = [bool(self.sources), self.preset != "none", self.ratio > 0]
-        if sum(given) != 1:
-            raise ConfigError("kv_share: give exactly one of sources=..., preset=cla2|cla3 or ratio=... "
-                              f"(got sources={list(self.sources)}, preset={self.preset}, ratio={self.ratio})")
+        if sum(given) > 1:
+            raise ConfigError("kv_share: give one of sources=..., preset=cla2|cla3 or ratio=... (nothing: cla2); "
+                              f"got sources={list(self.sources)}, preset={self.preset}, ratio={self.ratio}")
         if not 0.0 <= self.ratio < 1.0:
             raise ConfigError(f"kv_share: ratio is the share of layers that reuse another's K/V, in [0, 1); "
                               f"got {self.ratio}")
@@ -107,8 +108,8 @@ def kv_share(gm: GraphModule, config: KVShareConfig, context: PassContext) -> Pa
     search: dict[str, object] = {}
     if config.sources:
         sources = config.sources
-    elif config.preset != "none":
-        sources = preset_sources(config.preset, len(sites))
+    elif config.ratio == 0:
+        sources = preset_sources("cla2" if config.preset == "none" else config.preset, len(sites))
     else:
         plans = {c: _choose(gm, sites, config, calib, c) for c in ("dissimilar", "similar")}
         sources = plans[config.criterion]["sources"]  # type: ignore[assignment]

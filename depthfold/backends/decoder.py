@@ -1,0 +1,303 @@
+"""The KV-cache decoder artifact: ``decoder.onnx`` + ``decoder.json``, and greedy generation on ONNX Runtime.
+
+``export_decoder`` derives the decode step (:func:`depthfold.passes.kv_cache.decode_step`), checks that it
+reproduces the full model (prefill of a prompt, then one token at a time, against the captured graph on the
+whole sequence), exports it with symbolic ``batch_size`` / ``sequence_length`` / ``past_sequence_length`` axes,
+checks the ONNX file against torch (prefill with an empty cache and a step with a full one) and writes both
+files atomically. Inputs and outputs follow Optimum's names (``input_ids``, ``attention_mask``,
+``past_key_values.{i}.key`` / ``.value``; ``logits``, ``present.{i}.key`` / ``.value``), KV as ``[batch,
+kv_heads, seq, head_dim]``; only layers that own a cache have past/present I/O. ``decoder.json`` records the
+layers, owners, the sharing map, heads, head size, dtype and KV bytes per token.
+
+``generate`` runs greedy decoding with that cache; ``stats=True`` also returns prefill latency, decode tokens/s
+and KV bytes per token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch.fx import GraphModule
+
+from .._atomic import atomic_write, ensure_writable_dir
+from ..errors import ArtifactError, ConfigError, VerificationError
+from ..ir import flatten_outputs
+from ..passes.kv_cache import DecodeStep, decode_step
+from .onnx import _quiet_exporter
+
+__all__ = ["DecoderArtifact", "export_decoder", "generate", "greedy_reference"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "depthfold-decoder/1"
+_TOLERANCE = 1e-4
+"""Largest accepted ``max|diff| / max(1, max|ref|)`` of logits: decode step vs full model, ONNX vs torch."""
+
+
+@dataclass(frozen=True)
+class DecoderArtifact:
+    onnx_path: Path
+    json_path: Path
+    meta: dict[str, Any]
+
+
+def export_decoder(gm: GraphModule, out_dir: str | Path, *, max_length: int | None = None,
+                   sample_ids: torch.Tensor | None = None, opset: int | None = None) -> DecoderArtifact:
+    """Write ``decoder.onnx`` and ``decoder.json`` for captured causal decoder ``gm`` (not modified).
+
+    Args:
+        gm: the captured (and optimized) decoder, taking token ids (and optionally an attention mask).
+        out_dir: created if needed; both files are written atomically.
+        max_length: longest ``past + seq`` the model supports (position tables), recorded for ``generate``.
+        sample_ids: token ids ``[batch, seq >= 4]`` for the checks (default: random ids below the vocabulary).
+
+    Raises:
+        PreconditionError: not a decoder the decode step can be derived for.
+        VerificationError: the decode step or its ONNX export does not reproduce the full model.
+        ArtifactError: export or writing failed.
+    """
+    step = decode_step(gm)
+    out = ensure_writable_dir(out_dir)
+    ids = sample_ids if sample_ids is not None else torch.randint(
+        0, max(step.vocab_size, 2), (2, 12), generator=torch.Generator().manual_seed(0))
+    if ids.dim() != 2 or ids.shape[1] < 4:
+        raise ConfigError(f"sample_ids must be [batch, seq >= 4] token ids, got shape {list(ids.shape)}")
+    _check_against_full(gm, step, ids)
+    model = _to_onnx(step, opset)
+    meta = _metadata(step, max_length)
+    onnx_path = out / "decoder.onnx"
+
+    def write(tmp: Path) -> None:
+        onnx.save_model(model, str(tmp))
+        _check_onnx(tmp, step, ids)
+
+    atomic_write(onnx_path, write)
+    text = json.dumps(meta, indent=2)
+    json_path = atomic_write(out / "decoder.json", lambda p: p.write_text(text + "\n"))
+    logger.info("wrote %s: %d layers, cache owners %s, %d KV bytes/token", onnx_path, len(step.sources),
+                step.owners, step.kv_bytes_per_token)
+    return DecoderArtifact(onnx_path, json_path, meta)
+
+
+def _metadata(step: DecodeStep, max_length: int | None) -> dict[str, Any]:
+    return {
+        "format": FORMAT, "inputs": list(step.input_names), "outputs": list(step.output_names),
+        "layers": len(step.sources), "owners": step.owners, "sources": step.sources,
+        "num_attention_heads": [lay["heads"] for lay in step.layout],
+        "num_key_value_heads": [lay["kv_heads"] for lay in step.layout],
+        "head_dim": [lay["head_dim"] for lay in step.layout], "dtype": step.dtype,
+        "vocab_size": step.vocab_size, "max_length": max_length,
+        "kv_bytes_per_token": step.kv_bytes_per_token, "position_ids": False,
+        "kv_layout": "[batch, kv_heads, seq, head_dim]",
+    }
+
+
+def _empty_past(step: DecodeStep, batch: int) -> list[torch.Tensor]:
+    dtype = getattr(torch, step.dtype)
+    return [torch.zeros(batch, step.layout[i]["kv_heads"], 0, step.layout[i]["head_dim"], dtype=dtype)
+            for i in step.owners for _ in ("key", "value")]
+
+
+def _scaled_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref.double()).abs().max() / max(1.0, float(ref.abs().max())))
+
+
+def _full_logits(gm: GraphModule, ids: torch.Tensor) -> torch.Tensor:
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    args = (ids,) if len(names) == 1 else (ids, torch.ones_like(ids))
+    with torch.no_grad():
+        return flatten_outputs(gm(*args))[0]
+
+
+def _check_against_full(gm: GraphModule, step: DecodeStep, ids: torch.Tensor) -> None:
+    """Prefill half of ``ids``, then feed the rest one token at a time: logits must match the full model's."""
+    full = _full_logits(gm, ids)
+    batch, length = ids.shape
+    split = length // 2
+    with torch.no_grad():
+        out = step.graph_module(ids[:, :split], torch.ones(batch, split, dtype=torch.long), *_empty_past(step, batch))
+        worst = _scaled_error(out[0], full[:, :split])
+        for t in range(split, length):
+            out = step.graph_module(ids[:, t:t + 1], torch.ones(batch, t + 1, dtype=torch.long), *out[1:])
+            worst = max(worst, _scaled_error(out[0][:, 0], full[:, t]))
+    if not worst <= _TOLERANCE:
+        raise VerificationError(f"the derived decode step does not reproduce the full model (relative logits error "
+                                f"{worst:.3g}); the model computes positions or its causal mask in a way the "
+                                "KV-cache derivation does not follow (is it a causal decoder?)")
+
+
+def _to_onnx(step: DecodeStep, opset: int | None) -> onnx.ModelProto:
+    batch, seq, past = 2, 3, 4
+    args = (torch.zeros(batch, seq, dtype=torch.long), torch.ones(batch, past + seq, dtype=torch.long),
+            *[torch.zeros(batch, step.layout[i]["kv_heads"], past, step.layout[i]["head_dim"],
+                          dtype=getattr(torch, step.dtype)) for i in step.owners for _ in ("key", "value")])
+    auto = torch.export.Dim.AUTO
+    shapes = ({0: auto, 1: auto}, {0: auto, 1: auto}, *[{0: auto, 2: auto} for _ in args[2:]])
+    with _quiet_exporter():
+        try:
+            program = torch.onnx.export(step.graph_module, args, dynamo=True, dynamic_shapes=shapes,
+                                        input_names=list(step.input_names), output_names=list(step.output_names),
+                                        opset_version=opset, optimize=True, external_data=False)
+        except Exception as err:
+            raise ArtifactError(f"ONNX export of the decode step failed: {type(err).__name__}: "
+                                f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+    model = program.model_proto
+    _name_axes(model)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as err:
+        raise ArtifactError(f"the exported decoder fails the ONNX checker: {err}") from err
+    return model
+
+
+def _name_axes(model: onnx.ModelProto) -> None:
+    """Rename the exporter's symbols (``s15``, ``s27 + s57``) to ``batch_size``, ``sequence_length`` and
+    ``past_sequence_length`` as Optimum names them (the mask's ``past + seq`` axis: ``total_sequence_length``)."""
+    inputs = {i.name: i for i in model.graph.input}
+
+    def dims(name: str) -> list[Any]:
+        return list(inputs[name].type.tensor_type.shape.dim)
+
+    names = {}
+    ids = dims("input_ids")
+    names[ids[0].dim_param] = "batch_size"
+    names[ids[1].dim_param] = "sequence_length"
+    past = next((i for i in inputs if i.startswith("past_key_values.")), None)
+    if past is not None:
+        names[dims(past)[2].dim_param] = "past_sequence_length"
+    total = dims("attention_mask")[1].dim_param
+    if total and total not in names and not re.search(r"[+*]", total):
+        names[total] = "total_sequence_length"
+    names.pop("", None)
+    pattern = re.compile("|".join(rf"\b{re.escape(k)}\b" for k in sorted(names, key=len, reverse=True)))
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: names[m.group(0)], dim.dim_param)
+
+
+def _check_onnx(path: Path, step: DecodeStep, ids: torch.Tensor) -> None:
+    from . import ort
+
+    session = ort.create_session(path, device="cpu", threads=1)
+    batch, length = ids.shape
+    split = length // 2
+    cases = [(ids[:, :split], torch.ones(batch, split, dtype=torch.long), _empty_past(step, batch))]
+    with torch.no_grad():
+        prefill = step.graph_module(*cases[0][:2], *cases[0][2])
+    cases.append((ids[:, split:split + 1], torch.ones(batch, split + 1, dtype=torch.long), list(prefill[1:])))
+    for tokens, mask, past in cases:
+        with torch.no_grad():
+            ref = step.graph_module(tokens, mask, *past)
+        got = session.run(None, dict(zip(step.input_names, [t.numpy() for t in (tokens, mask, *past)])))
+        for name, g, r in zip(step.output_names, got, ref):
+            if tuple(g.shape) != tuple(r.shape):
+                raise VerificationError(f"decoder.onnx output {name!r} has shape {list(g.shape)}, torch "
+                                        f"{list(r.shape)} (past length {past[0].shape[2] if past else 0})")
+            err = _scaled_error(torch.from_numpy(g), r)
+            if not err <= _TOLERANCE:
+                raise VerificationError(f"decoder.onnx output {name!r} differs from torch by {err:.3g} (relative), "
+                                        f"past length {past[0].shape[2] if past else 0}; nothing was written")
+
+
+def _load(out_dir: str | Path) -> tuple[dict[str, Any], Path]:
+    root = Path(out_dir)
+    meta_path, onnx_path = root / "decoder.json", root / "decoder.onnx"
+    if not meta_path.is_file() or not onnx_path.is_file():
+        raise ArtifactError(f"{str(root)!r} holds no decoder.json and decoder.onnx; write them with "
+                            "depthfold.export_decoder(...) first")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{str(meta_path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta, onnx_path
+
+
+def generate(out_dir: str | Path, input_ids: Any, max_new_tokens: int = 32, *, eos_token_id: int | None = None,
+             threads: int = 1, stats: bool = False) -> Any:
+    """Greedy generation with the KV cache on ONNX Runtime (CPU) from a directory ``export_decoder`` wrote.
+
+    Args:
+        out_dir: holds ``decoder.onnx`` and ``decoder.json``.
+        input_ids: prompt token ids, ``[seq]`` or ``[batch, seq]`` (equal-length prompts, no padding).
+        max_new_tokens: tokens to generate per prompt.
+        eos_token_id: stop once every sequence has produced it (later tokens are this id).
+        threads: ONNX Runtime intra-op threads.
+        stats: also return ``{"prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "kv_bytes_per_token",
+            ...}``.
+
+    Returns:
+        int64 array ``[batch, seq + max_new_tokens]`` (prompt then generated tokens), and the stats if asked.
+    """
+    from . import ort
+
+    meta, onnx_path = _load(out_dir)
+    ids = np.asarray(input_ids.numpy() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] < 1:
+        raise ConfigError(f"input_ids must be [seq] or [batch, seq] token ids, got shape {list(ids.shape)}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    limit = meta.get("max_length")
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise ConfigError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                          f"max_length {limit}")
+    if meta["vocab_size"] and (ids.min() < 0 or ids.max() >= meta["vocab_size"]):
+        raise ConfigError(f"input_ids must lie in [0, {meta['vocab_size']}), got {ids.min()}..{ids.max()}")
+    session = ort.create_session(onnx_path, device="cpu", threads=threads)
+    batch = ids.shape[0]
+    dtype = np.dtype(meta["dtype"])
+    past = {name: np.zeros((batch, meta["num_key_value_heads"][int(name.split(".")[1])], 0,
+                            meta["head_dim"][int(name.split(".")[1])]), dtype=dtype)
+            for name in meta["inputs"] if name.startswith("past_key_values.")}
+    tokens, generated = ids, [ids]
+    done = np.zeros(batch, dtype=bool)
+    step_times = []
+    for k in range(max_new_tokens):
+        length = generated[0].shape[1] + k
+        feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, length), dtype=np.int64), **past}
+        start = time.perf_counter()
+        outputs = session.run(None, feeds)
+        step_times.append(time.perf_counter() - start)
+        logits, presents = outputs[0], outputs[1:]
+        past = {name.replace("present.", "past_key_values."): value
+                for name, value in zip(meta["outputs"][1:], presents)}
+        nxt = logits[:, -1].argmax(-1).astype(np.int64)
+        if eos_token_id is not None:
+            nxt = np.where(done, eos_token_id, nxt)
+            done |= nxt == eos_token_id
+        tokens = nxt[:, None]
+        generated.append(tokens)
+        if eos_token_id is not None and done.all():
+            fill = max_new_tokens - k - 1
+            generated.append(np.full((batch, fill), eos_token_id, dtype=np.int64))
+            break
+    result = np.concatenate(generated, axis=1)
+    if not stats:
+        return result
+    decode = step_times[1:]
+    summary = {"prefill_ms": step_times[0] * 1e3, "prompt_tokens": int(ids.shape[1]), "batch": batch,
+               "new_tokens": len(step_times), "threads": threads,
+               "decode_ms_per_token": float(np.median(decode)) * 1e3 if decode else None,
+               "decode_tokens_per_s": batch / float(np.median(decode)) if decode else None,
+               "kv_bytes_per_token": meta["kv_bytes_per_token"]}
+    return result, summary
+
+
+def greedy_reference(gm: GraphModule, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by re-running the captured model on the whole sequence each step (no cache): what the
+    cached decoder must reproduce token for token."""
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    for _ in range(max_new_tokens):
+        nxt = _full_logits(gm, ids)[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
