@@ -171,8 +171,8 @@ def _name_axes(model: onnx.ModelProto) -> None:
     ids = dims("input_ids")
     names[ids[0].dim_param] = "batch_size"
     names[ids[1].dim_param] = "sequence_length"
-    past = next((i for i in inputs if i.startswith("past_key_values.")), None)
-    if past is not None:
+    for past in (i for i in inputs if i.startswith("past_key_values.")):
+        # One cache length for all layers (the exporter may give each past input a symbol of its own).
         names[dims(past)[2].dim_param] = "past_sequence_length"
     total = dims("attention_mask")[1].dim_param
     if total and total not in names and not re.search(r"[+*]", total):

@@ -3,12 +3,16 @@
 Idea: after layers are pruned or merged, a short fine-tune of the compressed network towards the
 original's outputs recovers most of the lost accuracy. The loss is
 
-    T^2 * KL(softmax(teacher / T) || softmax(student / T))
-    + label_weight * CE(student, y) + feature_weight * sum MSE(student feature, teacher feature)
+    T^2 * KL(softmax(teacher / T) || softmax(student / T))      (objective="kl", logits)
+      or 1 - cos(student, teacher) per position                (objective="cosine", embeddings)
+    + label_weight * CE(student, y) + lm_weight * CE(student[:, :-1], input_ids[:, 1:])
+    + feature_weight * sum MSE(student feature, teacher feature)
 
 optimised with AdamW and a cosine learning-rate decay to zero. Source: the recovery fine-tune of
 "LayerMerge: Neural Network Depth Compression through Layer Pruning and Merging" (Kim et al.,
-ICML 2024, arXiv:2406.12837), with knowledge distillation as in Hinton et al. 2015.
+ICML 2024, arXiv:2406.12837), with knowledge distillation as in Hinton et al. 2015. For language models the KL
+is per token (next-token distillation, as in MiniLLM/Sheared-LLaMA's continued training), with an optional
+next-token loss on the data's own ``input_ids``; sentence-embedding models distil by cosine.
 
 :func:`recover` trains a given ``student`` in place and returns a :class:`RecoverReport`; the registered
 approximate pass ``recover`` (``"recover:steps=200,lr=1e-4"``) does the same to a copy of the pipeline's
@@ -23,7 +27,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +80,8 @@ def recover(
     batch_size: int = 64,
     temperature: float = 1.0,
     label_weight: float = 0.0,
+    lm_weight: float = 0.0,
+    objective: str = "kl",
     feature_weight: float = 0.0,
     features: Sequence[tuple[str, str]] = (),
     weight_decay: float = 0.0,
@@ -99,6 +105,10 @@ def recover(
         steps, lr, weight_decay: AdamW steps, peak learning rate (cosine decay to 0) and weight decay.
         temperature: distillation temperature ``T`` (the KL term is scaled by ``T**2``).
         label_weight: weight of the cross-entropy with the labels ``y`` (needs labels in ``data``).
+        lm_weight: weight of the next-token cross-entropy of a causal LM's logits on its own ``input_ids``
+            (padding, ``attention_mask == 0``, ignored).
+        objective: ``"kl"`` (distil the output softmax: classifiers and LM logits) or ``"cosine"`` (distil
+            ``1 - cos`` per position: embedding outputs such as a sentence encoder's hidden states).
         feature_weight: weight of the MSE between intermediate values named in ``features``.
         features: ``(student_name, teacher_name)`` pairs: fx node names for GraphModules, submodule
             names (forward hooks) for other modules.
@@ -117,8 +127,18 @@ def recover(
     """
     _check_options(steps, lr, batch_size, temperature, label_weight, feature_weight, weight_decay,
                    eval_batches, features)
+    if objective not in _OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(_OBJECTIVES)}, got {objective!r}")
+    if not lm_weight >= 0:
+        raise ConfigError(f"lm_weight must be >= 0, got {lm_weight}")
     samples = _samples(student, data, example_inputs)
     y = samples.labels
+    tokens = samples.names.index("input_ids") if "input_ids" in samples.names else (
+        0 if not samples.inputs[0].dtype.is_floating_point and samples.inputs[0].dim() == 2 else None)
+    if lm_weight > 0 and tokens is None:
+        raise ConfigError(f"lm_weight={lm_weight} needs token ids (an 'input_ids' input) in the data")
+    mask = samples.names.index("attention_mask") if "attention_mask" in samples.names else None
+    objective_fn = _OBJECTIVES[objective]
     if label_weight > 0 and y is None:
         raise ConfigError(f"label_weight={label_weight} needs labels, but data holds inputs only; pass "
                           "TensorDataset(x, y) or (x, y), or set label_weight=0")
@@ -150,7 +170,8 @@ def recover(
                 for step in range(steps):
                     batch = samples.select(next(batches))
                     loss = _loss(student_run, teacher_run, batch.inputs, batch.labels, temperature, label_weight,
-                                 feature_weight if use_features else 0.0)
+                                 feature_weight if use_features else 0.0, objective_fn,
+                                 (lm_weight, tokens, mask))
                     losses.append(float(loss.detach()))
                     if not math.isfinite(losses[-1]):
                         raise ConfigError(f"the recovery loss became {losses[-1]} at step {step}; lower lr "
@@ -470,12 +491,33 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature:
     return F.kl_div(s, t.to(s.device), reduction="batchmean", log_target=True) * temperature**2
 
 
+def _cosine_distance(student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: float) -> torch.Tensor:
+    """1 - cos(student, teacher) along the last dimension, averaged over all other positions."""
+    return (1.0 - F.cosine_similarity(student_out.float(), teacher_out.to(student_out.device).float(), dim=-1)).mean()
+
+
+_OBJECTIVES = {"kl": _kl, "cosine": _cosine_distance}
+
+
+def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of ``logits[:, t]`` against ``tokens[:, t + 1]``, padding ignored."""
+    target = tokens[:, 1:].clone().long().to(logits.device)
+    if mask is not None:
+        target[mask[:, 1:] == 0] = -100
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                           ignore_index=-100)
+
+
 def _loss(student: _Runner, teacher: _Runner, inputs: Sequence[torch.Tensor], y: torch.Tensor | None,
-          temperature: float, label_weight: float, feature_weight: float) -> torch.Tensor:
+          temperature: float, label_weight: float, feature_weight: float, objective: Any = _kl,
+          lm: tuple[float, int | None, int | None] = (0.0, None, None)) -> torch.Tensor:
     with torch.no_grad():
         t_logits, t_feats = teacher(inputs)
     s_logits, s_feats = student(inputs)
-    loss = _kl(s_logits, t_logits, temperature)
+    loss = objective(s_logits, t_logits, temperature)
+    lm_weight, tokens, mask = lm
+    if lm_weight > 0 and tokens is not None:
+        loss = loss + lm_weight * _next_token_loss(s_logits, inputs[tokens], None if mask is None else inputs[mask])
     if label_weight > 0 and y is not None:
         classes = s_logits.shape[-1]
         loss = loss + label_weight * F.cross_entropy(s_logits.reshape(-1, classes).float(),
@@ -517,14 +559,19 @@ class RecoverConfig:
     temperature: float = 1.0
     label_weight: float = 0.5
     """Weight of the cross-entropy on the data's labels, when it has labels (KL to the original always)."""
+    lm_weight: float = 0.0
+    """Weight of a causal LM's next-token cross-entropy on the data's ``input_ids``."""
+    objective: Literal["kl", "cosine"] = "kl"
+    """Distil the output softmax (``kl``: classifiers, LM logits) or per-position cosine (``cosine``: embeddings)."""
     train_samples: int = 2048
     """Samples of the data read for training."""
     eval_samples: int = 128
     """Held-out samples the report's metrics are measured on (not trained on)."""
     recalibrate_bn: bool = True
     """Re-estimate batch-norm statistics on the training samples before training (AdaBN)."""
-    metrics: tuple[str, ...] = ("kl", "accuracy")
-    """Metrics of the report, before and after (names in ``depthfold.passes.common.METRICS``)."""
+    metrics: tuple[str, ...] = ("kl", "accuracy", "perplexity", "token_cosine")
+    """Metrics of the report, before and after, where they apply to the outputs (names in
+    ``depthfold.passes.common.METRICS``)."""
 
     def __post_init__(self) -> None:
         _check_options(self.steps, self.lr, self.batch_size, self.temperature, self.label_weight, 0.0, 0.0, 0, ())
@@ -557,6 +604,7 @@ def recover_pass(gm: GraphModule, config: RecoverConfig, context: PassContext) -
     labelled = calib.train.labels is not None and config.label_weight > 0
     report = recover(student, teacher, calib.train, steps=config.steps, lr=config.lr, batch_size=calib.batch_size,
                      temperature=config.temperature, label_weight=config.label_weight if labelled else 0.0,
+                     lm_weight=config.lm_weight, objective=config.objective,
                      seed=context.seed, progress=context.progress)
     after = evaluate(teacher_out, batched_outputs(student, calib.held_out, calib.batch_size), calib.held_out,
                      config.metrics)
