@@ -283,14 +283,16 @@ def _branch_kind(branch: Node, start: Node, sites: dict[str, AttentionSite], ins
 
 
 def remove_dead(gm: GraphModule) -> None:
-    """Dead-code elimination that also drops metadata asserts (``_assert_tensor_metadata``) and inference-mode
-    dropout, which fx keeps as impure (keeping everything they read alive), then unused parameters."""
+    """Dead-code elimination that also drops metadata asserts (``_assert_tensor_metadata``), inference-mode
+    dropout and unread attention calls, which fx keeps as impure (keeping everything they read alive), then
+    unused parameters."""
     from .graph import prune_unused_attributes
 
     def impure(node: Node) -> bool:
         if node.target is aten._assert_tensor_metadata.default or ops.is_identity(node):
             return False
-        return node.is_impure()
+        # Random-tagged ops (SDPA is tagged nondeterministic_seeded for its dropout) are pure at inference.
+        return node.is_impure(impure_random=False)
 
     gm.graph.eliminate_dead_code(is_impure_node=impure)
     prune_unused_attributes(gm)
