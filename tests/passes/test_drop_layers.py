@@ -473,3 +473,42 @@ def test_drop_layers_leaves_the_users_model_alone(key: str) -> None:
         assert torch.equal(after[k], v), k
     assert len(model.get_submodule(MODELS[key][0])) == 4
     torch.testing.assert_close(call(model, key), before, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_drop_layers_speedup_plans_by_measured_savings() -> None:
+    """The DP path: one table row per block candidate, a plan within the stack, and the measured speedup recorded
+    (timed on the torch backend; no wall-clock threshold is asserted)."""
+    torch.manual_seed(0)
+    model = zoo.create("llama_tiny", n_layers=4, vocab_size=100, dim=64, hidden=128).eval()
+    x = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(0))
+    res = depthfold.optimize(model, (x,), ["drop_layers:speedup=1.25,rounds=3,replan=2,train_samples=8,eval_samples=8"],
+                             backend="torch")
+    details = res.records[0].details
+    assert details["strategy"] == "budget" and details["backend"] == "torch"
+    assert set(details["table"]) == {f"{i}:{k}" for i in range(4) for k in ("attention", "mlp", "block")}
+    assert all(-2.0 <= row["importance"] <= 0.0 for row in details["table"].values())  # cosine - 1
+    assert details["actions"] and all(a in ("attention", "mlp", "block") for a in details["actions"].values())
+    assert details["attempts"] and details["measured_speedup"] > 0
+    removed = {int(i): a for i, a in details["actions"].items()}
+    reference = copy.deepcopy(model)
+    for i, action in removed.items():  # the plan is applied exactly as reported
+        if action == "block":
+            continue
+        layer = reference.layers[i]
+        if action == "attention":
+            layer.self_attn.forward = lambda h, cos, sin: torch.zeros_like(h)
+        else:
+            layer.mlp.forward = torch.zeros_like
+    reference.layers = nn.ModuleList([blk for i, blk in enumerate(reference.layers) if removed.get(i) != "block"])
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_drop_layers_speedup_out_of_reach_says_how_far_it_gets() -> None:
+    torch.manual_seed(0)
+    model = zoo.create("llama_tiny", n_layers=2, vocab_size=100, dim=32, hidden=64, n_heads=2, n_kv_heads=1).eval()
+    x = torch.randint(0, 100, (1, 16))
+    with pytest.raises(depthfold.errors.DepthfoldError, match="out of reach|removes every block"):
+        depthfold.optimize(model, (x,), ["drop_layers:speedup=50,rounds=2,replan=1,train_samples=4,eval_samples=4"],
+                           backend="torch")

@@ -354,3 +354,43 @@ def test_a_model_reshaping_with_its_batch_size_calibrates_at_batch_16(digits) ->
     assert res.report["capture"]["batch"], res.report["capture"]
     assert res.records[0].details["recovery"]["steps"] == 2
     assert res.module(train.tensors[0][:16]).shape == (16, 10)
+
+
+def test_recover_language_model_next_token_distillation_and_lm_loss() -> None:
+    """kv_share then recover on a small decoder: per-token KL to the original falls; the LM loss option trains on
+    the data's own token ids (on text with structure, next-token loss falls)."""
+    from depthfold import zoo
+
+    torch.manual_seed(0)
+    model = zoo.create("llama_tiny", n_layers=2, vocab_size=64, dim=32, hidden=64, n_heads=2, n_kv_heads=1).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # a model whose layers matter, so sharing K/V changes its outputs
+    tokens = torch.randint(0, 64, (96, 16), generator=torch.Generator().manual_seed(1))
+    res = depthfold.optimize(model, (tokens[:1],), ["kv_share:preset=cla2,eval_samples=16,train_samples=16",
+                                                    "recover:steps=60,lr=3e-4,batch_size=16,eval_samples=32"],
+                             data=tokens)
+    metrics = res.records[-1].details["metrics"]
+    assert metrics["after"]["kl"] < 0.8 * metrics["before"]["kl"]
+    assert metrics["after"]["perplexity"] is not None and metrics["original"]["perplexity"] is not None
+
+    periodic = (torch.arange(16)[None] + torch.arange(96)[:, None]) % 8  # next token = current + 1 (mod 8)
+    student = ir.to_module(ir.capture(model, (periodic[:1],)).graph_module)
+    teacher = ir.capture(model, (periodic[:1],)).graph_module
+    report = recover(student, teacher, periodic, steps=60, lr=3e-3, batch_size=16, lm_weight=1.0)
+    assert report.loss_last < report.loss_first
+
+
+def test_recover_cosine_objective_for_embedding_outputs() -> None:
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[2].weight.add_(0.5 * torch.randn_like(student[2].weight))
+    x = torch.randn(256, 8)
+    before = F.cosine_similarity(student(x), teacher(x)).mean()
+    recover(student, teacher, x, steps=150, lr=1e-2, batch_size=32, objective="cosine")
+    assert F.cosine_similarity(student(x), teacher(x)).mean() > before + 0.01
+    with pytest.raises(ConfigError, match="objective"):
+        recover(student, teacher, x, steps=1, objective="mse")
+    with pytest.raises(ConfigError, match="token ids"):
+        recover(student, teacher, x, steps=1, lm_weight=1.0)
