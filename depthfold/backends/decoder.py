@@ -34,7 +34,7 @@ from ..ir import flatten_outputs
 from ..passes.kv_cache import DecodeStep, decode_step
 from .onnx import _quiet_exporter
 
-__all__ = ["DecoderArtifact", "export_decoder", "generate", "greedy_reference"]
+__all__ = ["DecoderArtifact", "export_decoder", "generate", "greedy_reference", "measure_generation"]
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +291,19 @@ def generate(out_dir: str | Path, input_ids: Any, max_new_tokens: int = 32, *, e
                "decode_tokens_per_s": batch / float(np.median(decode)) if decode else None,
                "kv_bytes_per_token": meta["kv_bytes_per_token"]}
     return result, summary
+
+
+def measure_generation(out_dir: str | Path, *, prompt_tokens: int = 16, new_tokens: int = 32, runs: int = 3,
+                       threads: int = 1) -> dict[str, Any]:
+    """Median ``prefill_ms`` and ``decode_tokens_per_s`` of ``runs`` greedy generations at batch 1 (random prompt),
+    with ``kv_bytes_per_token``."""
+    meta, _ = _load(out_dir)
+    prompt = np.random.default_rng(0).integers(0, max(meta["vocab_size"], 2), (1, prompt_tokens))
+    stats = [generate(out_dir, prompt, new_tokens, threads=threads, stats=True)[1] for _ in range(runs)]
+    return {"prefill_ms": float(np.median([s["prefill_ms"] for s in stats])),
+            "decode_tokens_per_s": float(np.median([s["decode_tokens_per_s"] for s in stats])),
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs, "threads": threads,
+            "kv_bytes_per_token": meta["kv_bytes_per_token"]}
 
 
 def greedy_reference(gm: GraphModule, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

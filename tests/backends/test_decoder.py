@@ -156,3 +156,18 @@ def test_decoder_generate_checks_its_inputs_and_stops_at_eos(tmp_path) -> None:
     first = int(np.argmax(free[0, 6:] == eos)) + 6
     np.testing.assert_array_equal(stopped[0, :first + 1], free[0, :first + 1])
     assert (stopped[0, first:] == eos).all()
+
+
+@pytest.mark.slow
+def test_decoder_after_dropping_blocks_reindexes_the_cache_and_reports_timing(tmp_path) -> None:
+    res = depthfold.optimize(_zoo(), (_tokens(1, 16),), ["drop_layers:layers=1+2,train_samples=8,eval_samples=8",
+                                                        "kv_share:preset=cla2,train_samples=8,eval_samples=8"])
+    art = depthfold.export_decoder(res, out_dir=tmp_path, measure=True)
+    assert art.meta["layers"] == 2 and art.meta["owners"] == [0] and art.meta["sources"] == [0, 0]
+    assert [n for n in _inputs(art.onnx_path) if n.startswith("past")] == ["past_key_values.0.key",
+                                                                          "past_key_values.0.value"]
+    timing = res.report["decoder"]["generation"]
+    assert timing["prefill_ms"] > 0 and timing["decode_tokens_per_s"] > 0 and timing["kv_bytes_per_token"] == 256
+    prompt = _tokens(1, 5, seed=4)
+    np.testing.assert_array_equal(depthfold.generate(tmp_path, prompt, max_new_tokens=8),
+                                  greedy_reference(res.module, prompt, 8).numpy())
