@@ -13,7 +13,7 @@ torchvision does not import with the torch build depthfold targets, so every mod
 from __future__ import annotations
 
 from .data import digits_datasets, lm_batches, split_corpus, text_corpus
-from .hf_text import minilm_l6, minilm_path, sentence_batch, stdlib_sentences
+from .hf_text import HF_TEXT_MODELS, hf_text, minilm_l6, minilm_path, sentence_batch, stdlib_sentences
 from .hf_vision import HF_VISION_MODELS, hf_vision
 from .registry import LLM_EXAMPLE_SEQ_LEN, Family, ZooSpec, create, example_inputs, list_models, spec
 from .train import evaluate_accuracy, evaluate_perplexity, pretrained_digits, pretrained_text
@@ -36,6 +36,8 @@ __all__ = [
     "evaluate_perplexity",
     "HF_VISION_MODELS",
     "hf_vision",
+    "HF_TEXT_MODELS",
+    "hf_text",
     "minilm_l6",
     "minilm_path",
     "sentence_batch",

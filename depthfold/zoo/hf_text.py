@@ -5,6 +5,8 @@ Reimers & Gurevych, "Sentence-BERT", 2019) as a standard transformers ``BertMode
 width 384, mean pooling. ``minilm_l6`` loads it with ``HF_HUB_OFFLINE=1`` (nothing is downloaded).
 ``stdlib_sentences`` cuts sentences out of the docstrings of the corpus modules (text every Python install
 has), and ``sentence_batch`` tokenizes them into the ``input_ids`` / ``attention_mask`` dict the model takes.
+``hf_text`` builds transformers language models (Llama with GQA, Qwen2 with MQA, GPT-2, BERT) from small
+configs with random weights: architectures nobody here wrote, for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -22,7 +24,38 @@ import torch
 from ..errors import ConfigError
 from .data import CORPUS_MODULES
 
-__all__ = ["minilm_l6", "minilm_path", "sentence_batch", "stdlib_sentences"]
+__all__ = ["HF_TEXT_MODELS", "hf_text", "minilm_l6", "minilm_path", "sentence_batch", "stdlib_sentences"]
+
+HF_TEXT_MODELS: tuple[str, ...] = ("llama", "qwen2", "gpt2", "bert")
+"""``hf_text`` names: ``LlamaForCausalLM`` (GQA, KV heads = heads / 2), ``Qwen2ForCausalLM`` (MQA, one KV head,
+Q/K/V biases), ``GPT2LMHeadModel`` (fused ``c_attn``), ``BertModel`` (post-norm encoder)."""
+
+
+def hf_text(name: str, *, layers: int = 4, hidden: int = 32, heads: int = 4, vocab_size: int = 100,
+            max_positions: int = 64, seed: int = 0) -> torch.nn.Module:
+    """A transformers language model of family ``name`` (see :data:`HF_TEXT_MODELS`) from a small config, with
+    random weights (seeded), in eval mode; the MLP is ``2 * hidden`` wide (GPT-2: its default ``4 * hidden``).
+
+    Raises:
+        ConfigError: an unknown name.
+    """
+    import transformers
+
+    if name not in HF_TEXT_MODELS:
+        raise ConfigError(f"unknown hf_text model {name!r}; known: {', '.join(HF_TEXT_MODELS)}")
+    common = {"vocab_size": vocab_size}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "gpt2":
+            return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                **common, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions)).eval()
+        sizes = {**common, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+                 "intermediate_size": 2 * hidden, "max_position_embeddings": max_positions}
+        if name == "bert":
+            return transformers.BertModel(transformers.BertConfig(**sizes)).eval()
+        if name == "qwen2":
+            return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes, num_key_value_heads=1)).eval()
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes, num_key_value_heads=heads // 2)).eval()
 
 
 def minilm_path() -> Path:

@@ -24,10 +24,7 @@ def _zoo(layers: int = 4) -> torch.nn.Module:
 
 
 def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
+    return zoo.hf_text("llama")
 
 
 def _tokens(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -100,14 +97,7 @@ def test_decoder_hf_llama_shared_cache_has_owner_io_only(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2", "gpt2"])
 def test_decoder_other_hf_decoders(name, tmp_path) -> None:
-    torch.manual_seed(0)
-    if name == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-            intermediate_size=64, max_position_embeddings=64))
-    else:
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4,
-                                                                     n_positions=64))
+    model = zoo.hf_text(name, layers=2)
     res = depthfold.optimize(model.eval(), _hf_example(), [])
     art = depthfold.export_decoder(res, out_dir=tmp_path)
     kv_heads = 1 if name == "qwen2" else 4
@@ -118,10 +108,7 @@ def test_decoder_other_hf_decoders(name, tmp_path) -> None:
 
 
 def test_decoder_refuses_an_encoder_and_writes_nothing(tmp_path) -> None:
-    torch.manual_seed(0)
-    bert = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                                          num_attention_heads=4, intermediate_size=64,
-                                                          max_position_embeddings=64)).eval()
+    bert = zoo.hf_text("bert", layers=2)
     with pytest.raises(DepthfoldError, match="decode step does not reproduce|causal"):
         depthfold.export_decoder(bert, _hf_example(), tmp_path / "out")
     assert not (tmp_path / "out" / "decoder.onnx").exists() and not (tmp_path / "out" / "decoder.json").exists()

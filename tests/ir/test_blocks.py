@@ -41,24 +41,8 @@ def _zoo_llama() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 def _hf(name: str) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    if name == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, max_position_embeddings=64)).eval()
-    if name == "qwen2":
-        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
-            intermediate_size=64, max_position_embeddings=64)).eval()
-    if name == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=100, n_embd=32, n_layer=4, n_head=4, n_positions=64)).eval()
-    if name == "bert":
-        return transformers.BertModel(transformers.BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64)).eval()
-    raise AssertionError(name)
+    pytest.importorskip("transformers")
+    return zoo.hf_text(name)
 
 
 # name -> (stack prefix, heads, kv_heads, head_dim, causal flag on the SDPA call)

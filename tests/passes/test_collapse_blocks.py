@@ -44,17 +44,8 @@ def _hf_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _hf(name: str) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    if name == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, max_position_embeddings=64)).eval()
-    if name == "bert":
-        return transformers.BertModel(transformers.BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64)).eval()
-    raise AssertionError(name)
+    pytest.importorskip("transformers")
+    return zoo.hf_text(name)
 
 
 CONTAINER = {"zoo": "layers", "zoo6": "layers", "llama": "model.layers", "bert": "encoder.layer"}
