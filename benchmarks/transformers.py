@@ -16,6 +16,8 @@ Sections (``--sections kv,hf_llama,drop,collapse``):
   all timed interleaved in one run; mean-pooled sentence-embedding cosine to the original on held-out
   sentences before and after ``recover`` (cosine distillation, same budget).
 * ``collapse`` — ``collapse_blocks`` (LaCo) on the zoo decoder and MiniLM against dropping the same blocks.
+* ``decode`` — generation speed of the zoo decoder's artifacts (original, cla2, cla3) timed interleaved: per
+  round each artifact generates 64 tokens after a 16-token prompt at batch 1; medians over rounds.
 
 Writes ``benchmarks/results/transformers.{json,md}`` after every section (sections merge into an existing file).
 
@@ -243,6 +245,30 @@ def bench_collapse() -> dict:
     return out
 
 
+def bench_decode(rounds: int) -> dict:
+    model = zoo.pretrained_text("llama_tiny")
+    train, _ = zoo.split_corpus(zoo.text_corpus())
+    data, _ = next(zoo.lm_batches(train, 16, 1, seed=4, num_batches=1))
+    variants = {"original": [], "cla2": ["kv_share:preset=cla2"], "cla3": ["kv_share:preset=cla3"]}
+    samples: dict[str, list[dict]] = {k: [] for k in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, passes in variants.items():
+            depthfold.export_decoder(depthfold.optimize(model, (data,), passes), out_dir=Path(tmp) / name)
+        for _ in range(rounds):
+            for name in variants:
+                samples[name].append(depthfold.generate(Path(tmp) / name, data, max_new_tokens=64, stats=True)[1])
+    out = {}
+    for name, runs in samples.items():
+        out[name] = {"prefill_ms": statistics.median(r["prefill_ms"] for r in runs),
+                     "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+                     "kv_bytes_per_token": runs[0]["kv_bytes_per_token"], "rounds": rounds}
+    for name in variants:
+        ratios = [r["decode_tokens_per_s"] / o["decode_tokens_per_s"] for r, o in zip(samples[name], samples["original"])]
+        out[name]["tokens_per_s_vs_original"] = statistics.median(ratios)
+    print(out, flush=True)
+    return out
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -257,8 +283,9 @@ def to_markdown(payload: dict) -> str:
                   f"{kv['model']}; original held-out perplexity {kv['original_ppl']:.3f}; recovery `{kv['recover']}` "
                   f"on {kv['calibration']} (the `original` row: the original given the same fine-tune, the control). "
                   "Decoder: `export_decoder` + `generate` (greedy, KV cache, ORT 1 thread); identical = tokens equal to "
-                  "torch greedy decoding without a cache, 32 new tokens per held-out prompt; tokens/s at batch 1, "
-                  "prompt 16, 64 new tokens, median of 5.", "",
+                  "torch greedy decoding without a cache, 32 new tokens per held-out prompt; prefill ms and tokens/s at "
+                  "batch 1, prompt 16, 64 new tokens, median of 5 back-to-back runs per variant (not interleaved: "
+                  "compare speeds in the decode section).", "",
                   "| variant | sources | KV bytes | ppl before | ppl after recover | after / original | ONNX rel. err | "
                   "past inputs | greedy identical | prefill ms | decode tok/s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -317,12 +344,21 @@ def to_markdown(payload: dict) -> str:
                          f"{r['cosine_dropped_same_blocks'] if r['cosine_dropped_same_blocks'] is None else round(r['cosine_dropped_same_blocks'], 4)}; "
                          f"ONNX rel. err {r['onnx_rel_error']:.1e}")
         lines.append("")
+    if "decode" in payload:
+        lines += ["## Generation speed of the decoder artifacts (zoo decoder, ORT CPU 1 thread, batch 1)", "",
+                  "Interleaved rounds, 16-token prompt then 64 new tokens; medians (the ratio: median of per-round "
+                  "ratios).", "", "| variant | KV bytes/token | prefill ms | decode tokens/s | vs original |",
+                  "|---|---|---|---|---|"]
+        for name, r in payload["decode"].items():
+            lines.append(f"| {name} | {r['kv_bytes_per_token']} | {r['prefill_ms']:.2f} | {r['decode_tokens_per_s']:.0f} "
+                         f"| {r['tokens_per_s_vs_original']:.3f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="kv,hf_llama,drop,collapse")
+    parser.add_argument("--sections", default="kv,hf_llama,drop,collapse,decode")
     parser.add_argument("--target", type=float, default=1.3)
     parser.add_argument("--recover-steps", type=int, default=300)
     parser.add_argument("--drop-recover-steps", type=int, default=300)
@@ -338,7 +374,8 @@ def main() -> None:
     payload["environment"] = environment() | {"transformers": transformers.__version__,
                                               "onnxruntime": onnxruntime.__version__}
     jobs = {"kv": lambda: bench_kv(args.recover_steps), "hf_llama": bench_hf_llama,
-            "drop": lambda: bench_drop(args.target, args.drop_recover_steps, args.rounds), "collapse": bench_collapse}
+            "drop": lambda: bench_drop(args.target, args.drop_recover_steps, args.rounds), "collapse": bench_collapse,
+            "decode": lambda: bench_decode(args.rounds)}
     for section in args.sections.split(","):
         payload[section] = jobs[section]()
         out.parent.mkdir(parents=True, exist_ok=True)
