@@ -8,7 +8,6 @@ with the other blocks deleted) and against drop_layers.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,31 +20,17 @@ from depthfold.errors import ConfigError
 from depthfold.passes import PassContext, PassManager, parse_pass
 from depthfold.passes.common import calibration_split
 
+from .lm_harness import Result, _hf, _hf_inputs, _tokens
+
 OPTS = "eval_samples=8,train_samples=8,batch_size=8"
-BATCH, SEQ = 2, 16
 
 
-@dataclass
-class Result:
-    """The parts of depthfold.OptimizeResult these tests read."""
-
-    module: torch.fx.GraphModule
-    original: torch.fx.GraphModule
-    example_inputs: tuple[torch.Tensor, ...]
-    records: list
 
 
-def _tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 100, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
-def _hf_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
-    return {"input_ids": _tokens(seed), "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
 
 
-def _hf(name: str) -> nn.Module:
-    pytest.importorskip("transformers")
-    return zoo.hf_text(name)
 
 
 CONTAINER = {"zoo": "layers", "zoo6": "layers", "llama": "model.layers", "bert": "encoder.layer"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -22,19 +21,16 @@ from depthfold.passes import PassContext, PassManager, parse_pass
 from depthfold.passes.common import calibration_split
 from depthfold.passes.drop_layers import _spread
 
+from .lm_harness import SEQ, Result, _hf, _hf_inputs, _tokens
+
 OPTS = "eval_samples=8,train_samples=8,batch_size=8"
-BATCH, SEQ = 2, 16
 
 
 # --- models ------------------------------------------------------------------------------------------------------
 
 
-def _tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 100, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
-def _hf_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
-    return {"input_ids": _tokens(seed), "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
 
 
 def _zoo_llama(n_layers: int = 4) -> nn.Module:
@@ -42,19 +38,8 @@ def _zoo_llama(n_layers: int = 4) -> nn.Module:
     return zoo.create("llama_tiny", n_layers=n_layers, dim=32, hidden=64, vocab_size=100).eval()
 
 
-def _hf(name: str) -> nn.Module:
-    pytest.importorskip("transformers")
-    return zoo.hf_text(name)
 
 
-@dataclass
-class Result:
-    """The parts of depthfold.OptimizeResult these tests read."""
-
-    module: torch.fx.GraphModule
-    original: torch.fx.GraphModule
-    example_inputs: tuple[torch.Tensor, ...]
-    records: list
 
 
 # model key -> (block container path, MLP sublayer parameter prefixes, attention parameters after the SDPA call)

@@ -8,7 +8,6 @@ training-free ratio search.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,31 +22,17 @@ from depthfold.passes.common import calibration_split
 from depthfold.passes.common.stream import narrow_split_projections
 from depthfold.passes.kv_share import check_sources, kv_bytes_per_token, preset_sources, share
 
+from .lm_harness import Result, _hf, _hf_inputs, _tokens
+
 OPTS = "eval_samples=8,train_samples=8,batch_size=8"
-BATCH, SEQ = 2, 16
 
 
-@dataclass
-class Result:
-    """The parts of depthfold.OptimizeResult these tests read."""
-
-    module: torch.fx.GraphModule
-    original: torch.fx.GraphModule
-    example_inputs: tuple[torch.Tensor, ...]
-    records: list
 
 
-def _tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 100, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
-def _hf_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
-    return {"input_ids": _tokens(seed), "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
 
 
-def _hf(name: str) -> nn.Module:
-    pytest.importorskip("transformers")
-    return zoo.hf_text(name)
 
 
 CONTAINER = {"zoo": "layers", "llama": "model.layers", "qwen2": "model.layers", "gpt2": "transformer.h"}
