@@ -256,10 +256,13 @@ def _export(model: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, 
 
 def _shapes_for(model: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor],
                 specs: list[dict[int, Any]]) -> Any:
-    """``dynamic_shapes`` in the form export wants: a tuple for positional-only calls, else by parameter name."""
-    if not kwargs:
-        return tuple(specs)
+    """``dynamic_shapes`` in the form export wants: a tuple for positional-only calls (nested for a
+    ``forward(*inputs)``), else by parameter name."""
     params = inspect.signature(model.forward).parameters
+    if not kwargs:
+        if [p.kind for p in params.values()] == [inspect.Parameter.VAR_POSITIONAL]:
+            return (tuple(specs),)
+        return tuple(specs)
     positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     out: dict[str, Any] = dict(zip(positional, specs[:len(args)]))
     var_kw = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
@@ -301,14 +304,18 @@ def _quiet_fake_tensor() -> Any:
 def _plain_graph_module(module: GraphModule) -> GraphModule:
     """Drop export's input-guard call and rebuild as a plain ``GraphModule`` (which allows ``.train()``)."""
     graph = module.graph
+    guards = set()
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards"):
+            guards.add(str(node.target))
             graph.erase_node(node)
     gm = GraphModule(module, graph, class_name=type(module).__name__)
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(module, attr):
             setattr(gm, attr, getattr(module, attr))
-    gm.delete_all_unused_submodules()
+    for target in guards:  # only these: torch.cond branches are submodules the root graph does not name
+        if hasattr(gm, target):
+            delattr(gm, target)
     gm.recompile()
     return gm
 

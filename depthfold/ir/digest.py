@@ -22,8 +22,13 @@ def digest_tensors(*tensors: torch.Tensor | None) -> str:
 
 
 def digest_graph(gm: GraphModule) -> str:
-    """The graph's code and every parameter and buffer: two graphs with equal digests compute the same."""
+    """The graph's code (with that of nested graphs, such as ``torch.cond`` branches) and every parameter and
+    buffer: two graphs with equal digests compute the same."""
     h = hashlib.sha256(gm.code.encode())
+    for name, module in sorted(gm.named_modules()):
+        if name and isinstance(module, GraphModule):
+            h.update(name.encode())
+            h.update(module.code.encode())
     for name, value in sorted(gm.state_dict().items()):
         h.update(name.encode())
         h.update(digest_tensors(value).encode())

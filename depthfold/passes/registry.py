@@ -184,6 +184,7 @@ def _load_builtin_passes() -> None:
     from . import (  # noqa: F401
         collapse_blocks,
         drop_layers,
+        early_exit,
         fold_bn,
         fuse_qkv,
         kv_share,
