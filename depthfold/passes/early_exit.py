@@ -176,7 +176,9 @@ def early_exit(gm: GraphModule, config: EarlyExitConfig, context: PassContext) -
             raise ConfigError(f"early_exit: {len(config.thresholds)} thresholds for {len(cuts)} exit points "
                               f"({', '.join(c.name for c in cuts)}); give one per exit")
     else:
-        cuts = [c for c in block_cuts(gm) if len(c.shape) >= 3]
+        # Block ends whose features still have positions to pool: after a global pool only the classifier is left.
+        cuts = [c for c in block_cuts(gm) if len(c.shape) >= 3 and math.prod(c.shape[2:] if len(c.shape) == 4
+                                                                              else c.shape[1:2]) > 1]
         if len(cuts) < config.auto:
             raise ConfigError(f"early_exit: auto={config.auto} but the network has {len(cuts)} block ends that cut "
                               "it cleanly; ask for fewer or name exit points with after=...")
@@ -262,13 +264,13 @@ def _classifier_output(gm: GraphModule) -> int:
     output = next(n for n in gm.graph.nodes if n.op == "output")
     values = [v for v in torch.utils._pytree.tree_leaves(output.args[0]) if isinstance(v, torch.fx.Node)]
     val = values[0].meta.get("val") if len(values) == 1 else None
-    if not isinstance(val, torch.Tensor) or val.dim() != 2 or not val.is_floating_point():
+    shape = ir.shape_of(values[0]) if len(values) == 1 else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 2 or not val.is_floating_point() or shape is None:
         got = (f"{len(values)} outputs" if len(values) != 1 else
-               f"an output of shape {tuple(val.shape)}" if isinstance(val, torch.Tensor) else "a non-tensor output")
+               f"an output of shape {shape}" if isinstance(val, torch.Tensor) else "a non-tensor output")
         raise ConfigError(f"early_exit gates classifiers: the model must return one (batch, classes) logits tensor, "
-                          f"got {got}. Decoders skip layers per token with speculative decoding instead "
-                          "(depthfold.generate(..., draft=...))")
-    return int(val.shape[1])
+                          f"got {got}. (A decoder's per-token outputs are not gated per sample.)")
+    return int(shape[1])
 
 
 def _channel_dim(cut: Cut) -> int:
@@ -306,7 +308,9 @@ def _train_head(features: torch.Tensor, teacher: torch.Tensor, channel_dim: int,
     x = (features - mean) / std
     target = F.softmax(teacher / config.temperature, dim=-1)
     generator = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(features.shape[1], classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        linear = nn.Linear(features.shape[1], classes)
     optimizer = torch.optim.Adam(linear.parameters(), lr=config.lr)
     batch = min(256, len(x))
     for _ in range(config.steps):
