@@ -9,6 +9,12 @@ Sections (``--sections cnn,batch``):
   per-sample latency and its ratio to the original's, test accuracy, the exit-rate histogram on the test set,
   the ``If`` nodes in the file and the largest difference between ORT and the torch gated model over the test
   set (with how many samples' top-1 differ).
+* ``speculative`` — self-speculative decoding on the zoo decoder (``llama_tiny`` trained on the stdlib corpus):
+  drafts are the same model with blocks dropped (``drop_layers:n=N``, ShortGPT ranking on training windows,
+  no training), proposing ``--draft-tokens`` tokens per verification step; ``--prompts`` held-out prompts of 32
+  tokens, ``--new-tokens`` tokens each. Per draft: prompts whose tokens equal plain greedy decoding with the
+  cached decoder, acceptance rate, tokens per verification step, and tokens/s against plain greedy on ONNX
+  Runtime (both timed per prompt, interleaved; median of per-prompt ratios).
 * ``batch`` — the ResNet-34 early-exit model at batch ``--batch`` under ``policy=split`` (confident samples
   leave, the rest continue as a smaller batch) and ``policy=all`` (the batch continues unless every sample is
   confident): per-sample latency over the test set, interleaved, and the outputs' agreement.
@@ -171,6 +177,44 @@ def bench_batch(batch: int, exits: int, tolerance: float, repeat: int) -> dict:
             "split_vs_all_max_abs": float(np.abs(outputs["split"] - outputs["all"]).max())}
 
 
+def bench_speculative(prompts: int, new_tokens: int, draft_tokens: list[int]) -> dict:
+    model = zoo.pretrained_text("llama_tiny")
+    train, val = zoo.split_corpus(zoo.text_corpus())
+    data, _ = next(zoo.lm_batches(train, 64, 512, seed=1, num_batches=1))
+    held_out, _ = next(zoo.lm_batches(val, 32, prompts, seed=2, num_batches=1))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        full = Path(tmp) / "full"
+        depthfold.export_decoder(depthfold.optimize(model, (data[:1],), []), out_dir=full)
+        drafts = {}
+        for n in (1, 2):
+            res = depthfold.optimize(model, (data[:1],), [f"drop_layers:n={n}"], data=data)
+            drafts[n] = (Path(tmp) / f"drop{n}", res.records[0].details["removed"])
+            depthfold.export_decoder(res, out_dir=drafts[n][0])
+        reference = [depthfold.generate(full, p[None], new_tokens) for p in held_out]
+        configs = [(n, k) for n in drafts for k in draft_tokens]
+        plain: list[float] = []
+        runs: dict = {c: [] for c in configs}
+        for i, prompt in enumerate(held_out):
+            plain.append(depthfold.generate(full, prompt[None], new_tokens, stats=True)[1]["tokens_per_s"])
+            for n, k in configs[i % len(configs):] + configs[:i % len(configs)]:
+                tokens, stats = depthfold.generate(full, prompt[None], new_tokens, draft=drafts[n][0], draft_tokens=k,
+                                                   stats=True)
+                runs[(n, k)].append({**stats, "identical": bool(np.array_equal(tokens, reference[i]))})
+        for (n, k), got in runs.items():
+            rows.append({"draft": f"drop_layers:n={n}", "removed_blocks": drafts[n][1], "draft_tokens": k,
+                         "identical": sum(r["identical"] for r in got), "prompts": len(got),
+                         "acceptance_rate": float(np.mean([r["acceptance_rate"] for r in got])),
+                         "tokens_per_step": float(np.mean([r["tokens_per_step"] for r in got])),
+                         "tokens_per_s": float(np.median([r["tokens_per_s"] for r in got])),
+                         "speedup_median": float(np.median([r["tokens_per_s"] / p for r, p in zip(got, plain)])),
+                         "speedup_p10": float(np.quantile([r["tokens_per_s"] / p for r, p in zip(got, plain)], 0.1)),
+                         "speedup_p90": float(np.quantile([r["tokens_per_s"] / p for r, p in zip(got, plain)], 0.9))})
+            print(rows[-1], flush=True)
+    return {"model": "llama_tiny (zoo, 4 blocks, trained on the stdlib corpus)", "new_tokens": new_tokens,
+            "prompt_tokens": 32, "plain_tokens_per_s": float(np.median(plain)), "rows": rows}
+
+
 def to_markdown(payload: dict) -> str:
     env = payload.get("environment", {})
     lines = ["# Early exits (ONNX Runtime CPU, 1 thread)", "",
@@ -198,6 +242,18 @@ def to_markdown(payload: dict) -> str:
                          f"{cal['expected_compute']:.3f}, {cal['loss_metric']} loss {cal['loss']:.4f} "
                          f"(tolerance {cal['tolerance']}) on {cal['calibration']['held_out']} held-out samples.")
         lines.append("")
+    if "speculative" in payload:
+        sp = payload["speculative"]
+        lines += [f"## Self-speculative decoding ({sp['model']}; ORT CPU, batch 1, {sp['prompt_tokens']}-token prompts, "
+                  f"{sp['new_tokens']} new tokens)", "",
+                  f"Plain greedy with the KV cache: {sp['plain_tokens_per_s']:.0f} tokens/s (median over prompts).", "",
+                  "| draft | blocks removed | draft tokens | identical to greedy | acceptance | tokens/step | tokens/s | "
+                  "vs greedy median (p10-p90) |", "|---|---|---|---|---|---|---|---|"]
+        for r in sp["rows"]:
+            lines.append(f"| {r['draft']} | {r['removed_blocks']} | {r['draft_tokens']} | {r['identical']}/{r['prompts']} | "
+                         f"{r['acceptance_rate']:.3f} | {r['tokens_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
+                         f"{r['speedup_median']:.3f} ({r['speedup_p10']:.3f}-{r['speedup_p90']:.3f}) |")
+        lines.append("")
     if "batch" in payload:
         b = payload["batch"]
         lines += [f"## Batch policies (resnet34, batch {b['batch']}, {b['batches']} test batches)", "",
@@ -210,7 +266,10 @@ def to_markdown(payload: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="cnn,batch")
+    parser.add_argument("--sections", default="cnn,batch,speculative")
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--draft-tokens", default="2,3,4")
     parser.add_argument("--models", default="resnet34,mobilenetv2_100")
     parser.add_argument("--exits", type=int, default=2)
     parser.add_argument("--tolerance", type=float, default=0.01)
@@ -224,7 +283,9 @@ def main() -> None:
     payload: dict = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     payload["environment"] = environment()
     jobs = {"cnn": lambda: bench_cnn(args.models.split(","), args.exits, args.tolerance, args.target, args.repeat),
-            "batch": lambda: bench_batch(args.batch, args.exits, args.tolerance, args.repeat)}
+            "batch": lambda: bench_batch(args.batch, args.exits, args.tolerance, args.repeat),
+            "speculative": lambda: bench_speculative(args.prompts, args.new_tokens,
+                                                     [int(k) for k in args.draft_tokens.split(",")])}
     for section in args.sections.split(","):
         payload[section] = jobs[section]()
         out.parent.mkdir(parents=True, exist_ok=True)

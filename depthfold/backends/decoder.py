@@ -221,25 +221,35 @@ def _load(out_dir: str | Path) -> tuple[dict[str, Any], Path]:
     return meta, onnx_path
 
 
-def generate(out_dir: str | Path, input_ids: Any, max_new_tokens: int = 32, *, eos_token_id: int | None = None,
-             threads: int = 1, stats: bool = False) -> Any:
-    """Greedy generation with the KV cache on ONNX Runtime (CPU) from a directory ``export_decoder`` wrote.
+class _Decoder:
+    """An ONNX Runtime session on a decoder artifact, with its cache layout."""
 
-    Args:
-        out_dir: holds ``decoder.onnx`` and ``decoder.json``.
-        input_ids: prompt token ids, ``[seq]`` or ``[batch, seq]`` (equal-length prompts, no padding).
-        max_new_tokens: tokens to generate per prompt.
-        eos_token_id: stop once every sequence has produced it (later tokens are this id).
-        threads: ONNX Runtime intra-op threads.
-        stats: also return ``{"prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "kv_bytes_per_token",
-            ...}``.
+    def __init__(self, out_dir: str | Path, threads: int):
+        from . import ort
 
-    Returns:
-        int64 array ``[batch, seq + max_new_tokens]`` (prompt then generated tokens), and the stats if asked.
-    """
-    from . import ort
+        self.meta, path = _load(out_dir)
+        self.session = ort.create_session(path, device="cpu", threads=threads)
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.threads = threads
 
-    meta, onnx_path = _load(out_dir)
+    def empty(self, batch: int) -> dict[str, np.ndarray]:
+        meta = self.meta
+        return {name: np.zeros((batch, meta["num_key_value_heads"][int(name.split(".")[1])], 0,
+                                meta["head_dim"][int(name.split(".")[1])]), dtype=self.dtype)
+                for name in meta["inputs"] if name.startswith("past_key_values.")}
+
+    def step(self, tokens: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits for ``tokens`` (``[batch, n]``) after the cached ones, and the grown cache."""
+        cached = next(iter(past.values())).shape[2] if past else 0
+        batch, count = tokens.shape
+        feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, cached + count), dtype=np.int64), **past}
+        outputs = self.session.run(None, feeds)
+        presents = {name.replace("present.", "past_key_values."): value
+                    for name, value in zip(self.meta["outputs"][1:], outputs[1:])}
+        return outputs[0], presents
+
+
+def _check_prompt(meta: dict[str, Any], input_ids: Any, max_new_tokens: int) -> np.ndarray:
     ids = np.asarray(input_ids.numpy() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
     if ids.ndim == 1:
         ids = ids[None]
@@ -253,24 +263,47 @@ def generate(out_dir: str | Path, input_ids: Any, max_new_tokens: int = 32, *, e
                           f"max_length {limit}")
     if meta["vocab_size"] and (ids.min() < 0 or ids.max() >= meta["vocab_size"]):
         raise ConfigError(f"input_ids must lie in [0, {meta['vocab_size']}), got {ids.min()}..{ids.max()}")
-    session = ort.create_session(onnx_path, device="cpu", threads=threads)
+    return ids
+
+
+def generate(out_dir: str | Path, input_ids: Any, max_new_tokens: int = 32, *, eos_token_id: int | None = None,
+             threads: int = 1, stats: bool = False, draft: str | Path | None = None, draft_tokens: int = 4) -> Any:
+    """Greedy generation with the KV cache on ONNX Runtime (CPU) from a directory ``export_decoder`` wrote.
+
+    With ``draft`` (another decoder artifact of the same vocabulary, typically the same model with blocks
+    dropped: ``drop_layers``), decoding is self-speculative: the draft proposes ``draft_tokens`` tokens one at a
+    time, the full model scores them all in one step, and the longest prefix it agrees with is kept plus the
+    full model's own next token (Leviathan et al. 2023; layer-skipping drafts: Draft&Verify, Zhang et al. 2024;
+    SWIFT, Xia et al. 2025). The tokens are the full model's greedy tokens; only the speed differs.
+
+    Args:
+        out_dir: holds ``decoder.onnx`` and ``decoder.json``.
+        input_ids: prompt token ids, ``[seq]`` or ``[batch, seq]`` (equal-length prompts, no padding).
+        max_new_tokens: tokens to generate per prompt.
+        eos_token_id: stop once every sequence has produced it (later tokens are this id).
+        threads: ONNX Runtime intra-op threads.
+        stats: also return ``{"prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "tokens_per_s",
+            "kv_bytes_per_token", ...}`` (``tokens_per_s``: new tokens over the time in ONNX Runtime sessions,
+            prefill included; with a draft: ``acceptance_rate``, ``tokens_per_step``, ``tokens_per_s``).
+        draft: a draft decoder's directory (self-speculative decoding; prompts are decoded one at a time).
+        draft_tokens: tokens the draft proposes per verification step.
+
+    Returns:
+        int64 array ``[batch, seq + max_new_tokens]`` (prompt then generated tokens), and the stats if asked.
+    """
+    full = _Decoder(out_dir, threads)
+    ids = _check_prompt(full.meta, input_ids, max_new_tokens)
+    if draft is not None:
+        return _speculative(full, _Decoder(draft, threads), ids, max_new_tokens, draft_tokens, eos_token_id, stats)
     batch = ids.shape[0]
-    dtype = np.dtype(meta["dtype"])
-    past = {name: np.zeros((batch, meta["num_key_value_heads"][int(name.split(".")[1])], 0,
-                            meta["head_dim"][int(name.split(".")[1])]), dtype=dtype)
-            for name in meta["inputs"] if name.startswith("past_key_values.")}
+    past = full.empty(batch)
     tokens, generated = ids, [ids]
     done = np.zeros(batch, dtype=bool)
     step_times = []
     for k in range(max_new_tokens):
-        length = generated[0].shape[1] + k
-        feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, length), dtype=np.int64), **past}
         start = time.perf_counter()
-        outputs = session.run(None, feeds)
+        logits, past = full.step(tokens, past)
         step_times.append(time.perf_counter() - start)
-        logits, presents = outputs[0], outputs[1:]
-        past = {name.replace("present.", "past_key_values."): value
-                for name, value in zip(meta["outputs"][1:], presents)}
         nxt = logits[:, -1].argmax(-1).astype(np.int64)
         if eos_token_id is not None:
             nxt = np.where(done, eos_token_id, nxt)
@@ -289,8 +322,68 @@ def generate(out_dir: str | Path, input_ids: Any, max_new_tokens: int = 32, *, e
                "new_tokens": len(step_times), "threads": threads,
                "decode_ms_per_token": float(np.median(decode)) * 1e3 if decode else None,
                "decode_tokens_per_s": batch / float(np.median(decode)) if decode else None,
-               "kv_bytes_per_token": meta["kv_bytes_per_token"]}
+               "seconds": float(sum(step_times)), "tokens_per_s": batch * len(step_times) / float(sum(step_times)),
+               "kv_bytes_per_token": full.meta["kv_bytes_per_token"]}
     return result, summary
+
+
+def _truncate(past: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    return {name: value[:, :, :length] for name, value in past.items()}
+
+
+def _speculative(full: _Decoder, draft: _Decoder, ids: np.ndarray, max_new_tokens: int, draft_tokens: int,
+                 eos_token_id: int | None, stats: bool) -> Any:
+    """Draft ``draft_tokens`` tokens, verify them in one full-model step, keep the agreed prefix and the full
+    model's next token; caches are cut back to the kept tokens. One prompt at a time."""
+    if draft_tokens < 1:
+        raise ConfigError(f"draft_tokens must be at least 1, got {draft_tokens}")
+    if draft.meta["vocab_size"] != full.meta["vocab_size"]:
+        raise ConfigError(f"the draft decoder's vocabulary ({draft.meta['vocab_size']}) differs from the model's "
+                          f"({full.meta['vocab_size']}); draft with the same model, blocks dropped")
+    rows, drafted, accepted, steps = [], 0, 0, 0
+    start = time.perf_counter()
+    for prompt in ids:
+        sequence = list(prompt)
+        target = len(sequence) + max_new_tokens
+        full_past, draft_past = full.empty(1), draft.empty(1)
+        # The full model caches every token but the last (which it reads next step); so does the draft.
+        logits, full_past = full.step(np.asarray([sequence], dtype=np.int64), full_past)
+        sequence.append(int(logits[0, -1].argmax()))
+        full_past = _truncate(full_past, len(sequence) - 1)
+        while len(sequence) < target and not (eos_token_id is not None and sequence[-1] == eos_token_id):
+            budget = min(draft_tokens, target - len(sequence))
+            cached = next(iter(draft_past.values())).shape[2] if draft_past else 0
+            pending = sequence[cached:]
+            proposal: list[int] = []
+            drafted_through = len(sequence) + budget - 1  # the draft caches the sequence and all but its last proposal
+            for _ in range(budget):
+                logits, draft_past = draft.step(np.asarray([pending], dtype=np.int64), draft_past)
+                proposal.append(int(logits[0, -1].argmax()))
+                pending = proposal[-1:]
+            logits, full_past = full.step(np.asarray([[sequence[-1], *proposal]], dtype=np.int64), full_past)
+            choice = logits[0].argmax(-1)
+            agree = 0
+            while agree < budget and proposal[agree] == int(choice[agree]):
+                agree += 1
+            drafted, accepted, steps = drafted + budget, accepted + agree, steps + 1
+            kept = proposal[:agree] + [int(choice[agree])]
+            if eos_token_id is not None and eos_token_id in kept:
+                kept = kept[:kept.index(eos_token_id) + 1]
+            sequence.extend(kept)
+            full_past = _truncate(full_past, len(sequence) - 1)
+            draft_past = _truncate(draft_past, min(len(sequence) - 1, drafted_through))
+        if len(sequence) < target:  # stopped at eos
+            sequence.extend([eos_token_id] * (target - len(sequence)))
+        rows.append(sequence[:target])
+    seconds = time.perf_counter() - start
+    result = np.asarray(rows, dtype=np.int64)
+    if not stats:
+        return result
+    new = len(ids) * max_new_tokens
+    return result, {"acceptance_rate": accepted / drafted if drafted else None, "draft_tokens": draft_tokens,
+                    "verify_steps": steps, "tokens_per_step": (new - len(ids)) / steps if steps else None,
+                    "tokens_per_s": new / seconds, "seconds": seconds, "batch": len(ids),
+                    "new_tokens": max_new_tokens, "threads": full.threads}
 
 
 def measure_generation(out_dir: str | Path, *, prompt_tokens: int = 16, new_tokens: int = 32, runs: int = 3,
