@@ -268,3 +268,34 @@ def test_no_data_is_refused(cnn, digits) -> None:  # type: ignore[no-untyped-def
     _, test = digits
     with pytest.raises(ConfigError, match="pass data="):
         depthfold.optimize(cnn, test.tensors[0][:1], ["early_exit:after=0"], backend="torch")
+
+
+# --- host gating (backends without control flow) -------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,policy", [("torch", "split"), ("onnxruntime", "split"), ("onnxruntime", "all"),
+                                            pytest.param("tvm", "split", marks=pytest.mark.slow)])
+def test_host_gated_segments_match_the_graph(cnn, digits, backend, policy) -> None:  # type: ignore[no-untyped-def]
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    from depthfold.backends import get_backend
+    from depthfold.backends.exits import HostGatedModel
+
+    train, test = digits
+    x = test.tensors[0][:24]
+    res = depthfold.optimize(cnn, x[:1], [f"early_exit:after=0,1,thresholds=0.9,0.95,policy={policy},{FAST}"],
+                             data=train, backend="torch")
+    assert len(set(res.module.meta[EXIT_META].exits(x).tolist())) == 3
+    runner = HostGatedModel(get_backend(backend), res.module)
+    with torch.no_grad():
+        want = res.module(x).numpy()
+    np.testing.assert_allclose(runner(x), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(runner(x[3:4]), want[3:4], rtol=1e-4, atol=1e-4)
+
+
+def test_host_gating_needs_an_early_exit_graph(cnn) -> None:  # type: ignore[no-untyped-def]
+    from depthfold.backends import get_backend
+    from depthfold.backends.exits import HostGatedModel
+
+    plain = depthfold.optimize(cnn, torch.randn(1, 1, 16, 16), [])
+    with pytest.raises(ConfigError, match="pipeline ending in early_exit"):
+        HostGatedModel(get_backend("torch"), plain.module)
