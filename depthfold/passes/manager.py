@@ -98,6 +98,11 @@ class PassManager:
                 raise PreconditionError(f"pass {spec.name!r} requires {', '.join(map(repr, missing))} "
                                         f"earlier in the pipeline; add it before {spec.name!r}")
             seen.add(spec.name)
+        names = [s.name for s in self.specs]
+        if "early_exit" in names and names.index("early_exit") < len(names) - 1:
+            later = names[names.index("early_exit") + 1]
+            raise PreconditionError(f"early_exit must be the last pass: passes do not rewrite inside its torch.cond "
+                                    f"branches; run {later!r} before early_exit")
 
     def run(self, gm: GraphModule, example_inputs: Sequence[torch.Tensor]) -> PipelineResult:
         """Run the pipeline on ``gm`` (which is not modified) and return the final graph and records."""

@@ -299,3 +299,11 @@ def test_host_gating_needs_an_early_exit_graph(cnn) -> None:  # type: ignore[no-
     plain = depthfold.optimize(cnn, torch.randn(1, 1, 16, 16), [])
     with pytest.raises(ConfigError, match="pipeline ending in early_exit"):
         HostGatedModel(get_backend("torch"), plain.module)
+
+
+def test_early_exit_must_be_the_last_pass(cnn, digits) -> None:  # type: ignore[no-untyped-def]
+    from depthfold.errors import PreconditionError
+
+    train, test = digits
+    with pytest.raises(PreconditionError, match="early_exit must be the last pass.*run 'recover' before"):
+        depthfold.optimize(cnn, test.tensors[0][:1], ["early_exit:after=0", "recover"], data=train)
