@@ -9,7 +9,6 @@ segment 1 on the samples that continue, and so on. Each piece is compiled for th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,19 +17,9 @@ import torch
 from torch.fx import GraphModule
 
 from ..errors import ConfigError
-from ..passes.early_exit import EXIT_META, EarlyExitModel
+from ..passes.early_exit import EXIT_META, EarlyExitModel, confidence
 
 __all__ = ["HostGatedModel"]
-
-
-def _confidence(logits: np.ndarray, kind: str) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    probs = np.exp(shifted)
-    probs /= probs.sum(-1, keepdims=True)
-    if kind == "entropy":
-        entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(-1)
-        return 1.0 - entropy / math.log(logits.shape[-1])
-    return probs.max(-1)
 
 
 class HostGatedModel:
@@ -68,7 +57,7 @@ class HostGatedModel:
         if k == len(self.model.heads):
             return feature
         logits = self._run("head", k, feature)
-        confident = _confidence(logits, self.model.confidence) >= self.model.thresholds[k]
+        confident = confidence(torch.from_numpy(logits), self.model.confidence).numpy() >= self.model.thresholds[k]
         if confident.all():
             return logits
         if self.model.policy == "all":  # the whole batch continues; confident samples keep this exit's answer

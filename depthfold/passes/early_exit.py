@@ -43,7 +43,7 @@ from .base import Change, Exactness, PassContext, PassResult
 from .common.calibration import calibration_split
 from .registry import register_pass
 
-__all__ = ["EXIT_META", "EarlyExitConfig", "EarlyExitModel", "ExitHead", "early_exit"]
+__all__ = ["EXIT_META", "EarlyExitConfig", "EarlyExitModel", "ExitHead", "confidence", "early_exit", "pool"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def pool(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return x.mean(dim=axes) if axes else x
 
 
-def _confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:
+def confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """The gate's score per sample: max softmax probability, or ``1 - H(p) / log(classes)`` (``entropy``)."""
     probs = torch.softmax(logits, dim=-1)
     if kind == "entropy":
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
@@ -130,7 +131,7 @@ class EarlyExitModel(nn.Module):
         if k == len(self.heads):
             return feature
         logits = self.heads[k](feature)
-        confident = _confidence(logits, self.confidence) >= self.thresholds[k]
+        confident = confidence(logits, self.confidence) >= self.thresholds[k]
 
         def done(feature: torch.Tensor, logits: torch.Tensor, confident: torch.Tensor) -> torch.Tensor:
             return logits.clone()
@@ -155,7 +156,7 @@ class EarlyExitModel(nn.Module):
             taken = torch.full((feature.shape[0],), len(self.heads), dtype=torch.long)
             pending = torch.ones_like(taken, dtype=torch.bool)
             for k, head in enumerate(self.heads):
-                confident = (_confidence(head(feature), self.confidence) >= self.thresholds[k]) & pending
+                confident = (confidence(head(feature), self.confidence) >= self.thresholds[k]) & pending
                 taken[confident] = k
                 pending &= ~confident
                 feature = self.segments[k + 1](feature)
@@ -197,7 +198,7 @@ def early_exit(gm: GraphModule, config: EarlyExitConfig, context: PassContext) -
              for i, c in enumerate(cuts)]
     with torch.no_grad():
         head_logits = [h.linear(f) for h, f in zip(heads, held_feats)]
-    scores = np.stack([_confidence(z, config.confidence).numpy() for z in head_logits])
+    scores = np.stack([confidence(z, config.confidence).numpy() for z in head_logits])
     reference = held_out.argmax(-1).numpy()
     labels = None if calib.held_out.labels is None else calib.held_out.labels.numpy()
     truth = labels if labels is not None else reference

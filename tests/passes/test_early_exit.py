@@ -17,7 +17,7 @@ from depthfold import zoo
 from depthfold.backends import ort as ort_backend
 from depthfold.backends.onnx import export_onnx
 from depthfold.errors import ConfigError
-from depthfold.passes.early_exit import EXIT_META, EarlyExitModel, _confidence
+from depthfold.passes.early_exit import EXIT_META, EarlyExitModel, confidence
 from depthfold.zoo.data import digits_datasets
 
 FAST = "steps=200,rounds=2"
@@ -82,7 +82,7 @@ def _reference(model: EarlyExitModel, x: torch.Tensor) -> torch.Tensor:
         pending = torch.ones(len(x), dtype=torch.bool)
         for k, head in enumerate(model.heads):
             logits = head(feature)
-            leave = pending & (_confidence(logits, model.confidence) >= model.thresholds[k])
+            leave = pending & (confidence(logits, model.confidence) >= model.thresholds[k])
             out[leave] = logits[leave]
             pending &= ~leave
             feature = model.segments[k + 1](feature)
