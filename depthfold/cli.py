@@ -23,13 +23,18 @@ logger = logging.getLogger("depthfold.cli")
 def split_pass_list(text: str) -> list[str]:
     """Split ``"fold_bn,layermerge:speedup=1.8,mode=depth,fuse_qkv"`` into pass specs.
 
-    A comma-separated item with ``=`` but no ``:`` is another option of the previous pass.
+    A comma-separated item with ``=`` but no ``:`` is another option of the previous pass; so is a bare item
+    that names no pass after a pass with options (a further value of a list option: ``early_exit:after=1,2``).
     """
+    from .passes import list_passes
+
+    known = {p["name"] for p in list_passes()}
     specs: list[str] = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        if "=" in item and ":" not in item:
+        continues = specs and ":" in specs[-1] and ":" not in item and item not in known
+        if ("=" in item and ":" not in item) or continues:
             if not specs:
                 raise ConfigError(f"pass list {text!r} starts with an option ({item!r}); "
                                   "write 'name:key=value'")

@@ -27,6 +27,9 @@ def test_split_pass_list_keeps_options_together():
         "fold_bn", "layermerge:speedup=1.8,mode=depth", "fuse_qkv"]
     with pytest.raises(ConfigError, match="starts with an option"):
         cli.split_pass_list("speedup=2,fold_bn")
+    assert cli.split_pass_list("fold_bn,early_exit:after=layer2,layer3.1,tolerance=0.02,fuse_qkv") == [
+        "fold_bn", "early_exit:after=layer2,layer3.1,tolerance=0.02", "fuse_qkv"]
+    assert cli.split_pass_list("kv_share:sources=0,0,2,2") == ["kv_share:sources=0,0,2,2"]
 
 
 def test_optimize_and_bench_from_a_factory_file(tmp_path, capsys):
