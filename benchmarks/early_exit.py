@@ -152,10 +152,13 @@ def bench_batch(batch: int, exits: int, tolerance: float, repeat: int) -> dict:
     sessions, outputs = {}, {}
     n = len(x) - len(x) % batch
     with tempfile.TemporaryDirectory() as tmp:
-        for policy in ("split", "all"):
-            result = depthfold.optimize(model, x[:batch], [f"early_exit:auto={exits},tolerance={tolerance},"
-                                                           f"policy={policy}"], data=train)
-            sessions[policy], _ = _session(result.module, x[:batch], Path(tmp), policy)
+        result = depthfold.optimize(model, x[:batch], [f"early_exit:auto={exits},tolerance={tolerance}"], data=train)
+        sessions["split"], _ = _session(result.module, x[:batch], Path(tmp), "split")
+        exits_taken = result.records[-1].details["exits"]
+        fixed = (f"early_exit:after={','.join(e['after'] for e in exits_taken)},"
+                 f"thresholds={','.join(str(e['threshold']) for e in exits_taken)},policy=all")
+        every = depthfold.optimize(model, x[:batch], [fixed], data=train)  # same exits and thresholds, batch whole
+        sessions["all"], _ = _session(every.module, x[:batch], Path(tmp), "all")
         sessions["original"], _ = _session(model, x[:batch], Path(tmp), "original")
         for name, session in sessions.items():
             outputs[name] = np.concatenate([_run(session, x[i:i + batch].numpy()) for i in range(0, n, batch)])

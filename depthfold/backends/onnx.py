@@ -311,6 +311,7 @@ def _export(module: nn.Module, args: tuple[Any, ...], opset: int | None, optimiz
                 f"ONNX export of {type(module).__name__} failed{_describe_export_failure(err)}. "
                 f"{_export_failure_hint(err)}"
             ) from err
+    _localize_initializers(model)
     if rewrite is not None:
         model = _rewritten(model, rewrite)
     got = _opset_of(model)
@@ -327,6 +328,49 @@ def _export(module: nn.Module, args: tuple[Any, ...], opset: int | None, optimiz
     logger.debug("exported %s to ONNX opset %d with %s: %d nodes", type(module).__name__, got, exporter,
                  len(model.graph.node))
     return model
+
+
+def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in its nodes' attributes (``If`` branches, ``Loop`` bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _subgraphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _subgraphs(g)
+
+
+def _localize_initializers(model: onnx.ModelProto) -> int:
+    """Move every initializer that only nodes of one subgraph read into that subgraph; returns how many moved.
+
+    The exporter keeps all weights in the main graph, so a ``torch.cond`` branch reads them from the outer scope;
+    ONNX Runtime applies its layout and weight-prepacking optimizations (NCHWc convolutions) to a subgraph only
+    for weights the subgraph owns.
+    """
+    graphs = list(_subgraphs(model.graph))
+    if len(graphs) == 1:
+        return 0
+    readers: dict[str, set[int]] = {}
+    for index, graph in enumerate(graphs):
+        for node in graph.node:
+            for name in node.input:
+                readers.setdefault(name, set()).add(index)
+    for output in model.graph.output:
+        readers.setdefault(output.name, set()).add(0)
+    kept, moved = [], 0
+    for init in model.graph.initializer:
+        where = readers.get(init.name, set())
+        if len(where) == 1 and 0 not in where:
+            graphs[next(iter(where))].initializer.append(init)
+            moved += 1
+        else:
+            kept.append(init)
+    if moved:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    return moved
 
 
 def _run_torchscript(module: nn.Module, args: tuple[Any, ...], opset: int | None) -> onnx.ModelProto:

@@ -134,6 +134,12 @@ def test_onnx_has_if_nodes_and_matches_torch(gated, digits, tmp_path) -> None:  
     graph = onnx.load(str(artifact.path)).graph
     assert [n.op_type for n in graph.node].count("If") == 1
     assert _ops(graph).count("If") == 2  # the second exit's If is nested in the first's else-branch
+    # The branches own the weights only they read (ONNX Runtime optimizes subgraph convs only for those).
+    top = {i.name for i in graph.initializer}
+    branch = max((a.g for n in graph.node if n.op_type == "If" for a in n.attribute), key=lambda g: len(g.node))
+    assert branch.initializer
+    assert not [n for n in top if n.startswith(("segments.1.", "segments.2.", "heads.1."))], "weights read only in branches"
+    assert any(n.startswith("segments.0.") for n in top)
     session = ort_backend.create_session(artifact.path)
     taken = gated.module.meta[EXIT_META].exits(x[:64])
     for batch in (x[:64], x[:1], x[5:6]):
