@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -194,7 +195,9 @@ def early_exit(gm: GraphModule, config: EarlyExitConfig, context: PassContext) -
     base = ir.clone(gm)
     train_feats, train_out = _pooled_features(base, cuts, calib.train, calib.batch_size)
     held_feats, held_out = _pooled_features(base, cuts, calib.held_out, calib.batch_size)
-    heads = [_train_head(train_feats[i], train_out, _channel_dim(c), classes, config, context.seed + i)
+    # Seeded by the cut, not its position in the list: the head at a point is the same whichever exits are asked.
+    heads = [_train_head(train_feats[i], train_out, _channel_dim(c), classes, config,
+                         context.seed + zlib.crc32(c.node.encode()))
              for i, c in enumerate(cuts)]
     with torch.no_grad():
         head_logits = [h.linear(f) for h, f in zip(heads, held_feats)]
