@@ -190,6 +190,17 @@ def test_auto_picks_exits_by_measured_latency(cnn, digits) -> None:  # type: ign
     assert report["loss"] <= 0.01 + 1e-9
 
 
+def test_auto_exits_are_reproduced_by_naming_them(cnn, digits) -> None:  # type: ignore[no-untyped-def]
+    train, test = digits
+    x = test.tensors[0][:64]
+    auto = depthfold.optimize(cnn, x[:1], [f"early_exit:auto=1,{FAST}"], data=train, backend="torch")
+    chosen = auto.records[-1].details["exits"][0]
+    named = depthfold.optimize(cnn, x[:1], [f"early_exit:after={chosen['after']},thresholds={chosen['threshold']},"
+                                            f"{FAST}"], data=train, backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(named.module(x), auto.module(x), rtol=0, atol=0)
+
+
 def test_after_fold_bn_and_on_onnx_runtime_costs(cnn, digits) -> None:  # type: ignore[no-untyped-def]
     train, test = digits
     x = test.tensors[0][:32]
