@@ -240,7 +240,7 @@ class _Decoder:
 
     def step(self, tokens: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits for ``tokens`` (``[batch, n]``) after the cached ones, and the grown cache."""
-        cached = next(iter(past.values())).shape[2] if past else 0
+        cached = _cached_length(past)
         batch, count = tokens.shape
         feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, cached + count), dtype=np.int64), **past}
         outputs = self.session.run(None, feeds)
@@ -327,6 +327,11 @@ def generate(out_dir: str | Path, input_ids: Any, max_new_tokens: int = 32, *, e
     return result, summary
 
 
+def _cached_length(past: dict[str, np.ndarray]) -> int:
+    """Tokens held in a cache (``[batch, kv_heads, seq, head_dim]`` arrays)."""
+    return next(iter(past.values())).shape[2] if past else 0
+
+
 def _truncate(past: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
     return {name: value[:, :, :length] for name, value in past.items()}
 
@@ -352,8 +357,7 @@ def _speculative(full: _Decoder, draft: _Decoder, ids: np.ndarray, max_new_token
         full_past = _truncate(full_past, len(sequence) - 1)
         while len(sequence) < target and not (eos_token_id is not None and sequence[-1] == eos_token_id):
             budget = min(draft_tokens, target - len(sequence))
-            cached = next(iter(draft_past.values())).shape[2] if draft_past else 0
-            pending = sequence[cached:]
+            pending = sequence[_cached_length(draft_past):]
             proposal: list[int] = []
             drafted_through = len(sequence) + budget - 1  # the draft caches the sequence and all but its last proposal
             for _ in range(budget):

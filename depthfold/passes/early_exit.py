@@ -231,7 +231,7 @@ def early_exit(gm: GraphModule, config: EarlyExitConfig, context: PassContext) -
     out = ir.capture(model, tuple(context.example_inputs)).graph_module
     out.meta[EXIT_META] = model
     report = _report(cuts, chosen, thresholds, outcome, costs, problem, config, calib, labels is not None,
-                     held_feats, heads, reference)
+                     head_logits, reference)
     changes = [Change(kind="early_exit", removed=(), added=(f"exit_{k}",),
                       detail={"after": cut.name, "node": cut.node, "threshold": thresholds[k],
                               "exit_rate": outcome["rates"][k]})
@@ -454,10 +454,9 @@ class _Cascade:
 
 def _report(cuts: Sequence[Cut], chosen: Sequence[int], thresholds: Sequence[float], outcome: dict[str, Any],
             costs: dict[str, Any], problem: _Cascade, config: EarlyExitConfig, calib: Any, labelled: bool,
-            held_feats: Sequence[torch.Tensor], heads: Sequence[ExitHead], reference: np.ndarray) -> dict[str, Any]:
+            head_logits: Sequence[torch.Tensor], reference: np.ndarray) -> dict[str, Any]:
     full = costs["full_ms"]
-    with torch.no_grad():
-        agreement = [float((h.linear(f).argmax(-1).numpy() == reference).mean()) for h, f in zip(heads, held_feats)]
+    agreement = [float((z.argmax(-1).numpy() == reference).mean()) for z in head_logits]
     exits = [{"after": cuts[i].name, "node": cuts[i].node, "shape": list(cuts[i].shape), "threshold": t,
               "exit_rate": outcome["rates"][k], "latency_fraction": costs["exit_ms"][i] / full,
               "head_agreement": agreement[i]}
