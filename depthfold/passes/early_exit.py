@@ -236,6 +236,10 @@ def early_exit(gm: GraphModule, config: EarlyExitConfig, context: PassContext) -
                       detail={"after": cut.name, "node": cut.node, "threshold": thresholds[k],
                               "exit_rate": outcome["rates"][k]})
                for k, cut in enumerate(picked)]
+    if outcome["expected_ms"] >= costs["full_ms"]:
+        logger.warning("early_exit: on %s the calibrated exits do not pay for their heads (expected compute "
+                       "%.3f of the original); the exits stay as asked, try later exit points or a larger model",
+                       costs["backend"], outcome["expected_ms"] / costs["full_ms"])
     logger.info("early_exit: exits after %s, thresholds %s, rates %s, expected compute %.3f",
                 [c.name for c in picked], [round(t, 4) for t in thresholds], outcome["rates"],
                 outcome["expected_ms"] / costs["full_ms"])
