@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError, suggest
 
-__all__ = ["Measurement", "time_callable", "compare_interleaved", "quantile"]
+__all__ = ["Measurement", "time_callable", "compare_interleaved", "quantile", "peak_gflops", "efficiency"]
 
 # The clock, looked up at call time so tests can substitute a deterministic one.
 _now_ns: Callable[[], int] = time.perf_counter_ns
@@ -296,3 +296,32 @@ def _ratio(num: float, den: float) -> float:
     if den == 0.0:
         return 1.0 if num == 0.0 else math.inf
     return num / den
+
+
+_PEAKS: dict[int, float] = {}
+
+
+def peak_gflops(threads: int = 1) -> float:
+    """This machine's measured float32 peak: GFLOP/s of a 1024x1024 matrix product in torch (its BLAS) on
+    ``threads`` threads, best of 5 after a warm-up; measured once per process and thread count."""
+    if threads not in _PEAKS:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+            torch.mm(a, b)
+            best = min(_timed(lambda: torch.mm(a, b), None, 3) for _ in range(5))
+        finally:
+            torch.set_num_threads(before)
+        _PEAKS[threads] = 2 * 1024 ** 3 / (best * 1e-3) / 1e9
+    return _PEAKS[threads]
+
+
+def efficiency(flops: int, median_ms: float, threads: int = 1) -> dict[str, Any]:
+    """Achieved GFLOP/s of a model doing ``flops`` in ``median_ms``, against :func:`peak_gflops`."""
+    achieved = flops / (median_ms * 1e-3) / 1e9 if median_ms > 0 else math.inf
+    peak = peak_gflops(threads)
+    return {"gflop": flops / 1e9, "median_ms": median_ms, "threads": threads, "gflops": achieved,
+            "peak_gflops": peak, "fraction_of_peak": achieved / peak}

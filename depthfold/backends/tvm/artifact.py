@@ -109,6 +109,13 @@ class Compiled:
     """(example inputs, torch outputs) as NumPy arrays; None for ONNX sources."""
     tuned_trials: int = 0
     compile_s: float = 0.0
+    schedules: str = "depthfold"
+    """CPU kernels: depthfold's default schedules, or ``"tvm"`` (TVM's own pipeline; always for CUDA)."""
+    flops: int | None = None
+    """FLOPs of one call, counted on the torch model (None for ONNX sources)."""
+    tuning: dict[str, Any] | None = None
+    """With ``tune_trials``: tasks, how many were tuned now (the rest came from the record cache), default vs
+    tuned latency here and which build was kept."""
 
 
 def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:

@@ -34,12 +34,12 @@ class TvmBackend(Backend):
 
     ``compile`` takes an ``nn.Module``, ONNX path / ``ModelProto`` or a TVM artifact directory (not rebuilt).
     Options: ``remote`` (``"host:port"`` of a TVM RPC server to time on), ``mcpu``, ``arch``, ``tune_trials``,
-    ``rpc_timeout_s`` (see :func:`~depthfold.backends.tvm.build`). Without ``remote`` the target must be one
+    ``schedules``, ``rpc_timeout_s`` (see :func:`~depthfold.backends.tvm.build`). Without ``remote`` the target must be one
     this machine runs.
     """
 
     name = "tvm"
-    OPTIONS = ("remote", "mcpu", "arch", "tune_trials", "rpc_timeout_s")
+    OPTIONS = ("remote", "mcpu", "arch", "tune_trials", "schedules", "rpc_timeout_s")
     VERSIONED = ("apache-tvm",)
 
     def check_target(self, target: Target) -> None:
@@ -57,7 +57,8 @@ class TvmBackend(Backend):
         if isinstance(model, (str, Path)) and (Path(model) / ARTIFACT_JSON).is_file():
             return TvmArtifact.load(model)
         return _cached_build(model, tuple(example_inputs), self._name, mcpu=self.options.get("mcpu"),
-                             arch=self.options.get("arch"), tune_trials=self.options.get("tune_trials", 0))
+                             arch=self.options.get("arch"), tune_trials=self.options.get("tune_trials", 0),
+                             schedules=self.options.get("schedules", "depthfold"))
 
     def run(self, compiled: Compiled | TvmArtifact, inputs: Inputs) -> list[np.ndarray]:
         return run(compiled, inputs)
@@ -70,7 +71,7 @@ class TvmBackend(Backend):
     def export(self, model: Any, example_inputs: Inputs, out_dir: str | Path) -> TvmArtifact:
         return compile(model, tuple(example_inputs), self._name, mcpu=self.options.get("mcpu"),
                        arch=self.options.get("arch"), tune_trials=self.options.get("tune_trials", 0),
-                       out_dir=out_dir)
+                       schedules=self.options.get("schedules", "depthfold"), out_dir=out_dir)
 
     def measure(self, model: Any, inputs: Inputs) -> Measurement:
         remote = self.options.get("remote")
@@ -123,7 +124,7 @@ def _input_key(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _cached_build(model: Any, inputs: tuple[Any, ...], target: str, *, mcpu: str | None, arch: str | None,
-                  tune_trials: int) -> Compiled:
+                  tune_trials: int, schedules: str = "depthfold") -> Compiled:
     """``build``, reused when the same content is built again for the same target and options.
 
     Content key: the exported graph's code (ops, shapes, Python constants baked in by torch.export) and every
@@ -136,12 +137,12 @@ def _cached_build(model: Any, inputs: tuple[Any, ...], target: str, *, mcpu: str
         t_inputs = tuple(torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in inputs)
         source = _export(model, t_inputs)
         key = (_hash_torch(source), _input_key(tuple(to_numpy(a) for a in inputs)), target, mcpu, arch,
-               tune_trials)
+               tune_trials, schedules)
         with _LOCK:
             if key in _BUILDS:
                 _BUILDS.move_to_end(key)
                 return _BUILDS[key]
-    compiled = build(source, inputs, target, mcpu=mcpu, arch=arch, tune_trials=tune_trials)
+    compiled = build(source, inputs, target, mcpu=mcpu, arch=arch, tune_trials=tune_trials, schedules=schedules)
     if key is not None:
         with _LOCK:
             _BUILDS[key] = compiled

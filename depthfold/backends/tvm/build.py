@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..._atomic import atomic_write, ensure_writable_dir
 from ...errors import ArtifactError, BackendUnavailableError, ConfigError, DepthfoldError
 from ...ir import flatten_outputs
 from ..base import Target
+from ..latency import efficiency
 from ..onnx import to_numpy
 from ._common import _tvm, _workdir, logger
 from .artifact import (
@@ -35,8 +37,11 @@ from .artifact import (
     _write_reference,
     verify_outputs,
 )
-from .run import run
+from .run import measure, run
+from .schedules import Guarded, channels_last_passes, cpu_pipeline
 
+#: CPU kernel sources: depthfold's default schedules, or TVM's stock pipeline.
+SCHEDULES = ("depthfold", "tvm")
 _CROSS_CXX = "aarch64-linux-gnu-g++"
 _CROSS_PACKAGE = "g++-aarch64-linux-gnu"
 _DEFAULT_CUDA_ARCH = "sm_80"
@@ -260,28 +265,13 @@ def _cuda_pipeline(target: Any) -> Any:
     from tvm.relax.backend.cuda import pipeline as cuda_pipeline
     from tvm.s_tir import dlight as dl
 
-    class _Guarded(dl.ScheduleRule):
-        def __init__(self, rule: Any) -> None:
-            self.rule = rule
-
-        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-            try:
-                return self.rule.apply(func, target, tunable)
-            except Exception as err:  # a rule's own bug; let the next rule schedule the kernel
-                logger.debug("tvm: dlight rule %s declined a kernel after raising %r", type(self.rule).__name__,
-                             err)
-                return None
-
-        def is_target_available(self, target: Any) -> bool:
-            return bool(self.rule.is_target_available(target))
-
     legalize = [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        dl.ApplyDefaultSchedule(*(_Guarded(r) for r in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+        dl.ApplyDefaultSchedule(*(Guarded(r) for r in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback()))),
     ]
 
@@ -323,9 +313,9 @@ _TUNE_OK: bool | None = None
 def _check_tuning_works() -> None:
     """Run a 2-trial MetaSchedule tuning in a child process once; raise if it crashes.
 
-    The apache-tvm 0.27.0.post1 wheel from PyPI segfaults inside MetaSchedule (in ``tvm::ffi::ToJSONGraph``
-    while setting up the tuning context), which would kill the caller's process; probing in a child turns that
-    into an error the caller can handle.
+    apache-tvm 0.27.0.post1 with the apache-tvm-ffi 0.1.15.x that pip resolves segfaults inside MetaSchedule
+    (``tvm::ffi::ToJSONGraph``, serialising the module); the ``tvm`` extra pins the FFI the wheel was built
+    against. The probe stays as the guard for other environments: a crash in a child becomes an error here.
     """
     global _TUNE_OK
     if _TUNE_OK is None:
@@ -343,18 +333,72 @@ def _check_tuning_works() -> None:
             _TUNE_OK = False
     if not _TUNE_OK:
         version = _versions().get("tvm", "unknown")
+        ffi = _versions().get("tvm-ffi", "unknown")
         raise BackendUnavailableError(
-            f"MetaSchedule tuning crashes in this apache-tvm build ({version}; a 2-trial probe died, e.g. with a "
-            "segfault in tvm::ffi::ToJSONGraph); use tune_trials=0 (TVM's default schedules) or an apache-tvm "
-            "build whose MetaSchedule works")
+            f"MetaSchedule tuning crashes here (apache-tvm {version}, apache-tvm-ffi {ffi}; a 2-trial probe died, "
+            "e.g. with a segfault in tvm::ffi::ToJSONGraph, or xgboost is missing); install the tvm extra "
+            "(pip install 'depthfold[tvm]': apache-tvm-ffi==0.1.14.post1 and xgboost-cpu) or use tune_trials=0 "
+            "(the default schedules)")
 
 
-def _tuned(mod: Any, target: Any, trials: int, work_dir: Path) -> Any:
+def tuning_dir(target_json: dict[str, Any]) -> Path:
+    """Where MetaSchedule's records for one target live (``$DEPTHFOLD_CACHE/tvm-tuning/<target hash>``): a
+    workload tuned once is reused by every later build for that target."""
+    from ...cache import cache_dir
+
+    key = hashlib.sha256(json.dumps(target_json, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir("tvm-tuning", key)
+
+
+def _tuned(mod: Any, target: Any, target_json: dict[str, Any], trials: int) -> tuple[Any, dict[str, Any]]:
+    """MetaSchedule-tuned build over the channels-last kernels; kernels without a record keep the default
+    schedules. Tasks whose workload is already in the target's record database are not tuned again."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import meta_schedule as ms
+
+    work = tuning_dir(target_json)
+    with target:
+        fused = tvm.transform.Sequential(channels_last_passes() + cpu.library_dispatch_passes(target)
+                                         + cpu.legalize_passes(target))(mod)
+    tasks = ms.relax_integration.extract_tasks(fused, target)
+    database = ms.database.JSONDatabase(work_dir=str(work))
+    todo = [t for t in tasks if not database.has_workload(t.dispatched[0])]
+    if todo:
+        per_task = max(1, min(trials, 64))
+        ms.relax_integration.tune_relax(fused, {}, target, work_dir=str(work), max_trials_global=trials,
+                                        max_trials_per_task=per_task, num_trials_per_iter=per_task,
+                                        database=database, seed=0)
+    ex = tvm.compile(fused, target=target, relax_pipeline=cpu_pipeline(target, records=work, fused=True))
+    return ex, {"tasks": len(tasks), "tuned_now": len(todo), "records": str(work)}
+
+
+def _keep_faster(default: Any, tuned: Any, specs: Sequence[TensorSpec],
+                 reference: tuple[list[np.ndarray], list[np.ndarray]] | None, tuning: dict[str, Any]) -> Any:
+    """The faster of the default-scheduled and the tuned executable, timed here interleaved on one thread (a
+    small tuning budget can pick schedules slower than the defaults, so tuning never makes a build slower)."""
+    import tvm
     from tvm import relax
 
-    pipeline = relax.pipeline.static_shape_tuning_pipeline(
-        total_trials=trials, target=target, work_dir=str(work_dir), max_trials_per_task=max(1, min(trials, 64)))
-    return pipeline(mod)
+    from ..latency import compare_interleaved
+    from .run import _set_threads
+
+    arrays = reference[0] if reference is not None else [np.zeros(s.shape, dtype=s.dtype) for s in specs]
+    _set_threads(1)
+    fns = {}
+    for label, ex in (("default", default), ("tuned", tuned)):
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+        fns[label] = (lambda fn=vm["main"], a=args: fn(*a))
+    timed = compare_interleaved(fns, rounds=7, warmup=2, min_sample_ms=20.0, baseline="default", threads=1,
+                                backend="tvm", device="cpu")
+    ratio = float(timed["ratios"]["tuned"]["median"])
+    tuning.update(default_ms=timed["measurements"]["default"].median_ms,
+                  tuned_ms=timed["measurements"]["tuned"].median_ms, tuned_over_default=ratio,
+                  kept="tuned" if ratio < 1.0 else "default")
+    logger.info("tvm: tuned kernels run at %.3fx the default schedules; keeping the %s build", ratio,
+                tuning["kept"])
+    return tuned if ratio < 1.0 else default
 
 
 def build(
@@ -366,6 +410,7 @@ def build(
     arch: str | None = None,
     tune_trials: int = 0,
     frontend: str = "auto",
+    schedules: str = "depthfold",
 ) -> Compiled:
     """Import and compile a model in memory (no files); :func:`compile` writes the result as an artifact.
 
@@ -379,6 +424,8 @@ def build(
         tune_trials: MetaSchedule trial budget (0: untuned, TVM's default schedules). Tuning measures
             candidates on this machine, so it needs a target this machine runs (x86 here; cuda with a GPU).
         frontend: ``"auto"`` (torch frontend, ONNX fallback), ``"torch"`` (no fallback) or ``"onnx"``.
+        schedules: CPU kernels: ``"depthfold"`` (channels-last, register-tiled default schedules, see
+            :mod:`~depthfold.backends.tvm.schedules`) or ``"tvm"`` (TVM's stock CPU pipeline, unscheduled loops).
 
     Raises:
         BackendUnavailableError: tvm, the cross toolchain or nvcc missing.
@@ -390,10 +437,15 @@ def build(
     tvm = _tvm()
     if frontend not in ("auto", "torch", "onnx"):
         raise ConfigError(f"frontend must be 'auto', 'torch' or 'onnx', got {frontend!r}")
+    if schedules not in SCHEDULES:
+        raise ConfigError(f"schedules must be one of {SCHEDULES}, got {schedules!r}")
     if isinstance(tune_trials, bool) or not isinstance(tune_trials, int) or tune_trials < 0:
         raise ConfigError(f"tune_trials must be an integer >= 0, got {tune_trials!r}")
     target = tvm_target(target)
     tjson = target_dict(target, mcpu=mcpu, arch=arch)
+    if tune_trials and schedules == "tvm" and target != "cuda":
+        raise ConfigError("tune_trials tunes the channels-last kernels of schedules='depthfold'; drop "
+                          "schedules='tvm' (TVM's stock pipeline) or use tune_trials=0")
     if tune_trials and not (target == "x86" and platform.machine().lower() in ("x86_64", "amd64")
                             or target == "cuda" and _local_cuda_arch() is not None):
         raise ConfigError(f"tune_trials={tune_trials} measures candidate schedules on this machine, which cannot "
@@ -411,8 +463,9 @@ def build(
         assert inputs is not None  # _resolve_source guarantees it for torch sources
         t_inputs = tuple(torch.as_tensor(a) if isinstance(a, np.ndarray) else a for a in inputs)
         ep = model if isinstance(model, torch.export.ExportedProgram) else _export(model, t_inputs)
-        with torch.no_grad():
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
             ref_out = [t.detach() for t in flatten_outputs(ep.module()(*t_inputs))]
+        flops = int(counter.get_total_flops())
         in_arrays = [to_numpy(a, name=f"input {i}") for i, a in enumerate(t_inputs)]
         reference = (in_arrays, [to_numpy(t.float() if t.dtype == torch.bfloat16 else t) for t in ref_out])
         in_names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
@@ -454,6 +507,7 @@ def build(
             used = "onnx"
             in_specs = tuple(TensorSpec(s.name, s.shape, s.dtype) for s in onnx_specs)
     else:
+        flops = None
         mod, out_names, in_specs_l = _import_onnx(model, inputs)
         in_specs = tuple(in_specs_l)
         used = "onnx"
@@ -464,15 +518,24 @@ def build(
         out_specs = _onnx_output_specs(proto, out_names)
 
     tgt = tvm.target.Target(tjson)
+    tuning: dict[str, Any] | None = None
     try:
-        if tune_trials:
+        if target == "cuda" and tune_trials:
             with tempfile.TemporaryDirectory(prefix="depthfold-tune-") as work:
-                mod = _tuned(mod, tgt, tune_trials, Path(work))
-                ex = tvm.compile(mod, target=tgt)
+                from tvm import relax
+
+                ex = tvm.compile(relax.pipeline.static_shape_tuning_pipeline(
+                    total_trials=tune_trials, target=tgt, work_dir=work,
+                    max_trials_per_task=max(1, min(tune_trials, 64)))(mod), target=tgt)
         elif target == "cuda":
             ex = tvm.compile(mod, target=tgt, relax_pipeline=_cuda_pipeline(tgt))
-        else:
+        elif schedules == "tvm":
             ex = tvm.compile(mod, target=tgt)
+        else:
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt))
+            if tune_trials:
+                tuned, tuning = _tuned(mod, tgt, tjson, tune_trials)
+                ex = _keep_faster(ex, tuned, in_specs, reference, tuning)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if target == "cuda" and "nvcc" in str(err).lower():
@@ -484,7 +547,8 @@ def build(
                 elapsed, f" ({tune_trials} tuning trials)" if tune_trials else "")
     return Compiled(executable=ex, target=target, target_json=tjson, inputs=in_specs, outputs=out_specs,
                     frontend=used, frontend_note=note, source_hash=source_hash, reference=reference,
-                    tuned_trials=tune_trials, compile_s=elapsed)
+                    tuned_trials=tune_trials, compile_s=elapsed, flops=flops, tuning=tuning,
+                    schedules="tvm" if target == "cuda" else schedules)
 
 
 def _onnx_output_specs(proto: Any, names: Sequence[str]) -> tuple[TensorSpec, ...]:
@@ -520,7 +584,8 @@ def _export(model: nn.Module, inputs: tuple[Any, ...]) -> torch.export.ExportedP
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist, key in (("apache-tvm", "tvm"), ("depthfold", "depthfold"), ("onnx", "onnx")):
+    for dist, key in (("apache-tvm", "tvm"), ("apache-tvm-ffi", "tvm-ffi"), ("depthfold", "depthfold"),
+                      ("onnx", "onnx")):
         try:
             out[key] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -547,6 +612,7 @@ def compile(  # noqa: A001  (the backend verb; shadowing the builtin inside this
     tune_trials: int = 0,
     out_dir: str | Path | None = None,
     frontend: str = "auto",
+    schedules: str = "depthfold",
     verify: bool = True,
     rtol: float = 1e-4,
 ) -> TvmArtifact:
@@ -569,6 +635,7 @@ def compile(  # noqa: A001  (the backend verb; shadowing the builtin inside this
         tune_trials: MetaSchedule trial budget; 0 (default) is untuned.
         out_dir: Artifact directory (created); default ``./tvm-<target>``.
         frontend: ``"auto"``, ``"torch"`` or ``"onnx"`` (see :func:`build`).
+        schedules: ``"depthfold"`` (default schedules) or ``"tvm"`` (see :func:`build`).
         verify: For a target this machine runs (x86 here), run the library on the example inputs and compare
             with torch; the error is recorded, and an error over ``rtol`` raises.
         rtol: Largest accepted ``max_abs / max(1, max|ref|)`` per output.
@@ -583,7 +650,7 @@ def compile(  # noqa: A001  (the backend verb; shadowing the builtin inside this
     """
     target = tvm_target(target)
     compiled = build(result_or_module, example_inputs, target, mcpu=mcpu, arch=arch, tune_trials=tune_trials,
-                     frontend=frontend)
+                     frontend=frontend, schedules=schedules)
     out = ensure_writable_dir(Path(out_dir) if out_dir is not None else Path(f"tvm-{target}"))
     (out / ARTIFACT_JSON).unlink(missing_ok=True)  # an artifact.json only ever describes a finished library
     lib = out / LIBRARY_NAME
@@ -608,6 +675,8 @@ def compile(  # noqa: A001  (the backend verb; shadowing the builtin inside this
         "frontend": compiled.frontend,
         "frontend_note": compiled.frontend_note,
         "tune_trials": compiled.tuned_trials,
+        "tuning": compiled.tuning,
+        "schedules": compiled.schedules,
         "compile_seconds": round(compiled.compile_s, 3),
         "source_sha256": compiled.source_hash,
         "versions": _versions(),
@@ -616,6 +685,9 @@ def compile(  # noqa: A001  (the backend verb; shadowing the builtin inside this
     art = TvmArtifact(path=out, target=target, inputs=compiled.inputs, outputs=compiled.outputs, meta=meta)
     if verify and compiled.reference is not None and _runs_here(target):
         meta["verification"] = _verify_local(art, compiled.reference, rtol)
+        if compiled.flops:
+            timing = measure(art, compiled.reference[0], warmup=2, repeat=10, threads=1)
+            meta["efficiency"] = efficiency(compiled.flops, timing.median_ms, threads=1)
     atomic_write(out / ARTIFACT_JSON, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     logger.info("tvm: wrote %s (%s, %s frontend)", out, target, compiled.frontend)
     return TvmArtifact.load(out)

@@ -1,0 +1,343 @@
+"""Default CPU schedules for TVM's Relax pipeline: channels-last layout and register-tiled kernels.
+
+TVM 0.27 legalizes every operator into unscheduled TIR loops on CPU. This pipeline converts convolutions and
+pools to NHWC activations / HWIO weights (weights relaid at compile time, transposes left at the model's
+edges), then schedules every reduction kernel the way hand-written direct convolutions are written (Goto-style
+register blocking, as in "Anatomy of High-Performance Many-Threaded Matrix Multiplication" and the NHWC direct
+convolution of "High Performance Zero-Memory Overhead Direct Convolutions", Zhang et al., ICML 2018): an output
+tile of a few pixels x a few vector registers of channels accumulates in registers over the whole reduction,
+the elementwise epilogue (bias, BatchNorm, activation, residual add) runs on the tile at write-back, and the
+channel loop is vectorised. Elementwise kernels are vectorised and parallelised. Tile sizes come from the
+target's vector width and register count, so x86 (AVX2, AVX-512) and aarch64 (NEON) share one code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._common import logger
+
+#: Relax operators converted to channels-last (activations NHWC, conv weights HWIO); pools, elementwise ops and
+#: reductions follow their input's layout (asking for one on a pool trips an assertion in TVM 0.27).
+CHANNELS_LAST = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+
+
+@dataclass(frozen=True)
+class VectorUnit:
+    """What the tiles are sized from: float32 lanes per vector register, the register count, and how many
+    channel vectors one output tile holds (x86 broadcasts an input from memory inside the FMA, so narrow
+    channel tiles with many pixels; NEON multiplies by a register lane, so square tiles)."""
+
+    lanes: int
+    registers: int
+    channel_vectors: int
+
+    @property
+    def accumulators(self) -> int:
+        """Vector registers one output tile may hold (the rest: weights, inputs, addresses)."""
+        return 16 if self.registers >= 32 else 12
+
+    @classmethod
+    def of(cls, target: Any) -> VectorUnit:
+        from tvm.target.codegen import target_has_features
+
+        def has(feature: str) -> bool:
+            try:
+                return bool(target_has_features(feature, target))
+            except Exception:  # a target without LLVM features
+                return False
+
+        triple = str(target.attrs.get("mtriple", "")) if hasattr(target, "attrs") else ""
+        if triple.startswith("aarch64") or has("neon"):
+            return cls(lanes=4, registers=32, channel_vectors=4)
+        if has("avx512f"):
+            return cls(lanes=16, registers=32, channel_vectors=2)
+        if has("avx2") or has("avx"):
+            return cls(lanes=8, registers=16, channel_vectors=2)
+        return cls(lanes=4, registers=16, channel_vectors=2)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def choose_tile(channels: int, pixels: int, unit: VectorUnit) -> tuple[int, int]:
+    """(pixel tile, channel tile) of a register-tiled output: channel tile = the largest divisor of
+    ``channels`` up to ``channel_vectors`` registers (a multiple of the vector width when one divides), pixel
+    tile = the largest divisor of ``pixels`` that keeps the accumulators in registers. A kernel with one row
+    (a matrix-vector product) widens the channel tile instead."""
+    v = unit.lanes
+    widest = unit.channel_vectors * v if pixels > 1 else unit.accumulators * v // 4
+    fits = [d for d in _divisors(channels) if d <= widest]
+    aligned = [d for d in fits if d % v == 0]
+    channel_tile = max(aligned or fits)
+    vectors = -(-channel_tile // v)
+    rows = max(1, unit.accumulators // vectors)
+    pixel_tile = max(d for d in _divisors(pixels) if d <= rows)
+    return pixel_tile, channel_tile
+
+
+def _int(expr: Any) -> int | None:
+    from tvm import tirx
+
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+def _is_reduction(sch: Any, block: Any) -> bool:
+    from tvm import tirx
+
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _vars_in(region: Any) -> set[Any]:
+    from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
+
+    used: set[Any] = set()
+    for r in region:
+        used |= collect_vars_used_in_prim_expr(r.min)
+    return used
+
+
+def _vectorize_elementwise(sch: Any, block: Any, unit: VectorUnit) -> None:
+    """Fuse a spatial block's loops; parallel over the outside, vectorised inside when the extent allows."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    extent = _int(sch.get(fused).extent)
+    if extent is None:
+        return
+    if extent % unit.lanes == 0 and extent > unit.lanes:
+        outer, inner = sch.split(fused, [None, unit.lanes])
+        sch.vectorize(inner)
+        if extent >= 64 * unit.lanes:
+            sch.parallel(outer)
+    elif extent >= 1024:
+        sch.parallel(fused)
+
+
+class Guarded:
+    """A dlight schedule rule whose own exceptions mean "not applicable", so the next rule gets the kernel
+    (TVM 0.27's CUDA GEMV rule asserts on depthwise convolutions instead of declining them)."""
+
+    def __new__(cls, rule: Any) -> Any:
+        from tvm.s_tir import dlight as dl
+
+        class _Guarded(dl.ScheduleRule):
+            def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+                try:
+                    return rule.apply(func, target, tunable)
+                except Exception as err:  # the rule's own bug or an unexpected kernel shape
+                    logger.debug("tvm: schedule rule %s declined a kernel after raising %r", type(rule).__name__,
+                                 err)
+                    return None
+
+            def is_target_available(self, target: Any) -> bool:
+                return bool(rule.is_target_available(target))
+
+        return _Guarded()
+
+
+def register_tiled(unit: VectorUnit) -> Any:
+    """The rule for kernels with one reduction (conv, depthwise/grouped conv, dense, matmul, pooling): tile the
+    last two output axes (pixels x channels) into a register tile, reduce over the whole window into it, write
+    the tile back through the fused epilogue."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    class RegisterTiled(dl.ScheduleRule):
+        def is_target_available(self, target: Any) -> bool:
+            return target.kind.name == "llvm"
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc):
+                return None
+            sch = s_tir.Schedule(func)
+            blocks = list(sch.get_child_blocks(get_root_block(sch)))
+            reductions = [k for k, b in enumerate(blocks) if _is_reduction(sch, b)]
+            if len(reductions) != 1:
+                return None
+            index = reductions[0]
+            main, before, after = blocks[index], blocks[:index], blocks[index + 1:]
+            stmt = sch.get(main)
+            loops = sch.get_loops(main)
+            kinds = ["R" if iv.iter_type == tirx.IterVar.CommReduce else "S" for iv in stmt.iter_vars]
+            if len(loops) != len(kinds) or "".join(kinds) != "S" * kinds.count("S") + "R" * kinds.count("R"):
+                return None
+            extents = [_int(sch.get(loop).extent) for loop in loops]
+            spatial_vars = [iv.var for iv, k in zip(stmt.iter_vars, kinds) if k == "S"]
+            if None in extents or not spatial_vars or len(stmt.writes) != 1:
+                return None
+            written = [r.min for r in stmt.writes[0].region]
+            if len(written) != len(spatial_vars) or not all(
+                    isinstance(w, tirx.Var) and w.same_as(v) for w, v in zip(written, spatial_vars)):
+                return None
+            spatial, reduce = loops[:len(spatial_vars)], loops[len(spatial_vars):]
+            channels = extents[len(spatial_vars) - 1]
+            pixels = extents[len(spatial_vars) - 2] if len(spatial_vars) >= 2 else 1
+            pixel_tile, channel_tile = choose_tile(channels, pixels, unit)
+
+            for b in after[:-1]:  # the epilogue: one block computing bias/BN/activation/residual at write-back
+                sch.compute_inline(b)
+            c_outer, c_inner = sch.split(spatial[-1], [None, channel_tile])
+            outer = list(spatial[:-2]) if len(spatial) >= 2 else []
+            p_inner = None
+            if len(spatial) >= 2:
+                p_outer, p_inner = sch.split(spatial[-2], [None, pixel_tile])
+                outer.append(p_outer)
+            order = [c_outer, *outer] if self._weights_dominate(sch, stmt, spatial_vars[:-1]) else [*outer, c_outer]
+            sch.reorder(*order, *reduce, *([p_inner] if p_inner is not None else []), c_inner)
+            tile = sch.fuse(*order) if len(order) > 1 else order[0]
+            write_back = after[-1] if after else sch.cache_write(main, 0, "global")
+            sch.reverse_compute_at(write_back, tile)
+            sch.set_scope(main, 0, "local")
+            sch.vectorize(c_inner)
+            if p_inner is not None and pixel_tile > 1:
+                sch.unroll(p_inner)
+            self._vector_tile(sch, sch.get_loops(write_back)[1:])
+            if _int(sch.get(tile).extent) not in (None, 1):
+                sch.parallel(tile)
+            if reduce:  # last: loop annotations need the block with its init
+                init = sch.decompose_reduction(main, reduce[0])
+                self._vector_tile(sch, sch.get_loops(init)[1:])
+            for b in before:
+                if not _is_reduction(sch, b):
+                    _vectorize_elementwise(sch, b, unit)
+            return sch
+
+        @staticmethod
+        def _vector_tile(sch: Any, loops: Sequence[Any]) -> None:
+            inner = [lp for lp in loops if _int(sch.get(lp).extent) != 1]
+            if inner:
+                sch.vectorize(inner[-1])
+                for lp in inner[:-1]:
+                    sch.unroll(lp)
+
+        @staticmethod
+        def _weights_dominate(sch: Any, stmt: Any, pixel_vars: Sequence[Any]) -> bool:
+            """Whether the operands that do not move with the output pixels (the weights) are the larger
+            share; then the channel tile is the outer loop and each weight slice is reused from cache across
+            all pixels, else each input tile is reused across all channels."""
+            pixel = {v for v in pixel_vars}
+            weights = inputs = 0
+            for read in stmt.reads:
+                size = 1
+                for dim in read.source.shape:
+                    size *= _int(dim) or 1
+                if _vars_in(read.region) & pixel:
+                    inputs += size
+                else:
+                    weights += size
+            return weights > inputs
+
+    return RegisterTiled()
+
+
+def elementwise(unit: VectorUnit) -> Any:
+    """The rule for kernels without a reduction: intermediates inlined, the output loop vectorised and
+    parallelised."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    class Elementwise(dl.ScheduleRule):
+        def is_target_available(self, target: Any) -> bool:
+            return target.kind.name == "llvm"
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc):
+                return None
+            sch = s_tir.Schedule(func)
+            blocks = list(sch.get_child_blocks(get_root_block(sch)))
+            if not blocks or any(_is_reduction(sch, b) for b in blocks):
+                return None
+            kept = []
+            for b in blocks[:-1]:
+                try:
+                    sch.compute_inline(b)
+                except Exception:  # a producer read with a different pattern; scheduled on its own
+                    kept.append(b)
+            for b in [*kept, blocks[-1]]:
+                _vectorize_elementwise(sch, b, unit)
+            return sch
+
+    return Elementwise()
+
+
+def cpu_pipeline(target: Any, *, records: Any = None, fused: bool = False) -> Any:
+    """TVM's CPU pipeline with channels-last layout and the default schedules above (same passes, same order as
+    ``relax.backend.cpu_generic.get_default_pipeline``, with the layout conversion first and the schedules
+    after fusion).
+
+    Args:
+        target: The TVM target (its vector unit sizes the tiles).
+        records: A MetaSchedule record directory; kernels with a tuned record get it, the rest the defaults.
+        fused: The module is already converted, legalized and fused (the module that was tuned).
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight as dl
+
+    unit = VectorUnit.of(target)
+    rules = [Guarded(register_tiled(unit)), Guarded(dl.cpu.Reduction()), Guarded(elementwise(unit))]
+    front = [] if fused else channels_last_passes() + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            tuned = [] if records is None else [relax.transform.MetaScheduleApplyDatabase(str(records))]
+            seq = tvm.transform.Sequential(front + tuned + [dl.ApplyDefaultSchedule(*rules)]
+                                           + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def channels_last_passes() -> list[Any]:
+    """BatchNorm decomposed into elementwise ops (so it fuses into the conv's epilogue and its constants
+    fold), then convolutions and pools converted to NHWC/HWIO."""
+    from tvm import relax
+
+    return [relax.transform.DecomposeOpsForInference(), _clip_as_min_max(), relax.transform.ConvertLayout(CHANNELS_LAST)]
+
+
+def _scalar(value: Any) -> float:
+    """A clip bound (a PrimValue holding a float immediate, or already a float) as a Python float."""
+    inner = getattr(value, "value", value)
+    return float(getattr(inner, "value", inner))
+
+
+def _clip_as_min_max() -> Any:
+    """``clip(x, lo, hi)`` (ReLU6, hardtanh) as ``minimum(maximum(x, lo), hi)``: the same values, and binary
+    elementwise ops follow any layout, where TVM 0.27's ``clip`` has no layout rule and so sends every ReLU6
+    of a channels-last MobileNet back to NCHW and forth again."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    clip = tvm.ir.Op.get("relax.clip")
+
+    @mutator
+    class _ClipRewriter(PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not call.op.same_as(clip):
+                return call
+            x, low, high = call.args
+            dtype = x.ty.dtype
+            return relax.op.minimum(relax.op.maximum(x, relax.const(_scalar(low), dtype)),
+                                    relax.const(_scalar(high), dtype))
+
+    @tvm.transform.module_pass(opt_level=0, name="ClipAsMinMax")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        rewriter = _ClipRewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return _pass
