@@ -299,10 +299,13 @@ def cpu_pipeline(target: Any, *, records: Any = None, fused: bool = False) -> An
 
 def channels_last_passes() -> list[Any]:
     """BatchNorm decomposed into elementwise ops (so it fuses into the conv's epilogue and its constants
-    fold), then convolutions and pools converted to NHWC/HWIO."""
+    fold), ReLU6 as max/min, then convolutions converted to NHWC/HWIO."""
     from tvm import relax
 
-    return [relax.transform.DecomposeOpsForInference(), _clip_as_min_max(), relax.transform.ConvertLayout(CHANNELS_LAST)]
+    # CanonicalizeBindings folds the decomposed BatchNorm's (out, mean, var)[0]; left in, the tuple ends the
+    # conv's fusion group before the activation.
+    return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(), _clip_as_min_max(),
+            relax.transform.ConvertLayout(CHANNELS_LAST)]
 
 
 def _scalar(value: Any) -> float:
