@@ -1,20 +1,28 @@
-"""ORT CPU vs TVM x86 latency per zoo model: untuned TVM, and MetaSchedule-tuned TVM with a small trial budget.
+"""ORT CPU vs TVM x86 latency per zoo model: depthfold's default schedules, TVM's stock pipeline, and
+MetaSchedule-tuned TVM with a small trial budget.
 
 Variants per model, batch 1, timed interleaved in rotated rounds in one process (``latency.compare_interleaved``):
 
 * ``ort``        — ``torch.onnx.export(dynamo=True)`` model in ONNX Runtime (CPU EP, ORT_ENABLE_ALL);
-* ``tvm``        — ``depthfold.backends.tvm.compile(model, target="x86")``: TVM's default pipeline, untuned;
-* ``tvm_tuned``  — the same with ``tune_trials=N`` (MetaSchedule on this machine), when ``--tune-trials N > 0``.
+* ``tvm``        — ``depthfold.backends.tvm.compile(model, target="x86")``: channels-last, register-tiled
+  default schedules (``depthfold.backends.tvm.schedules``), untuned;
+* ``tvm_stock``  — ``schedules="tvm"``: TVM's own CPU pipeline (unscheduled loops), with ``--stock``;
+* ``tvm_tuned``  — default schedules + ``tune_trials=N`` (MetaSchedule here; the faster of tuned and default is
+  kept), when ``--tune-trials N > 0``.
+
+Also per TVM build: compile seconds and achieved GFLOP/s against this machine's measured peak (a 1024^3
+matrix product in torch on the same thread count), from the artifact's ``efficiency`` record.
 
 All variants run with the same fixed thread count (ORT ``intra_op_num_threads``; TVM's thread pool). Each sample
 averages enough calls to cover ``MIN_SAMPLE_MS``. Reported: median / p90 per variant and the median (p10, p90) of
 per-round ratios ``t_variant / t_ort`` (below 1: TVM faster). Every TVM build is checked against torch (1e-4
 relative) before it is timed. Writes ``benchmarks/results/backends.{json,md}``.
 
-    python benchmarks/backends.py [--models resnet18,vit_tiny] [--resolution 64] [--rounds 20] [--tune-trials 64]
+    python benchmarks/backends.py [--models resnet18,vit_tiny] [--resolution 224] [--rounds 20] [--tune-trials 64]
+                                  [--stock]
 
-Tuning costs minutes per model (MetaSchedule builds and measures ``N`` candidates per run); untuned TVM on CPU
-uses TVM's generic schedules, so expect it to be slower than ORT. Numbers are for the machine that ran it only.
+Tuning costs minutes per model (MetaSchedule builds and measures ``N`` candidates per run; records are cached
+per target under ``$DEPTHFOLD_CACHE/tvm-tuning``). Numbers are for the machine that ran it only.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ IMAGE_MODELS = [n for n in zoo.list_models() if zoo.spec(n).family != "llm"]
 
 
 def bench_model(name: str, *, rounds: int, warmup: int, threads: int, resolution: int, tune_trials: int,
-                work: Path) -> dict:
+                stock: bool, work: Path) -> dict:
     torch.manual_seed(0)
     kwargs: dict = {"num_classes": 10}
     if zoo.spec(name).family == "vit":
@@ -54,23 +62,30 @@ def bench_model(name: str, *, rounds: int, warmup: int, threads: int, resolution
     feed = ort.feeds(session, inputs)
     fns = {"ort": lambda: session.run(None, feed)}
     builds: dict[str, dict] = {}
-    variants = [("tvm", 0)] + ([("tvm_tuned", tune_trials)] if tune_trials else [])
-    for label, trials in variants:
+    variants = [("tvm", 0, "depthfold")] + ([("tvm_stock", 0, "tvm")] if stock else []) \
+        + ([("tvm_tuned", tune_trials, "depthfold")] if tune_trials else [])
+    for label, trials, schedules in variants:
         start = time.perf_counter()
         try:
-            art = tvm_backend.compile(ep, inputs, "x86", tune_trials=trials, out_dir=work / name / label)
-        except BackendUnavailableError as err:  # e.g. MetaSchedule crashing in this apache-tvm build
+            art = tvm_backend.compile(ep, inputs, "x86", tune_trials=trials, schedules=schedules,
+                                      out_dir=work / name / label)
+        except BackendUnavailableError as err:  # e.g. MetaSchedule crashing in another apache-tvm build
             builds[label] = {"tune_trials": trials, "unavailable": str(err)}
             print(f"{name}: {label} unavailable: {err}", flush=True)
             continue
         builds[label] = {"compile_seconds": time.perf_counter() - start, "tune_trials": trials,
-                         "max_rel_error": art.meta["verification"]["max_rel_error"]}
+                         "schedules": schedules, "max_rel_error": art.meta["verification"]["max_rel_error"],
+                         "efficiency": art.meta.get("efficiency"), "tuning": art.meta.get("tuning")}
         fns[label] = tvm_backend.prepare(art, inputs, threads=threads)[0]
     timed = latency.compare_interleaved(fns, rounds=rounds, warmup=warmup, min_sample_ms=MIN_SAMPLE_MS,
                                         baseline="ort", threads=threads, backend="ort-vs-tvm", device="cpu")
+    flops = next(b["efficiency"]["gflop"] for b in builds.values() if b.get("efficiency"))
     return {
         "model": name,
         "input": list(inputs[0].shape),
+        "gflop": flops,
+        "gflops": {k: flops / (m.median_ms * 1e-3) for k, m in timed["measurements"].items()},
+        "peak_gflops": latency.peak_gflops(threads),
         "calls_per_sample": timed["inner"],
         "builds": builds,
         "latency_ms": {k: {"median": m.median_ms, "p90": m.p90_ms, "n": m.n} for k, m in timed["measurements"].items()},
@@ -80,7 +95,11 @@ def bench_model(name: str, *, rounds: int, warmup: int, threads: int, resolution
 
 def to_markdown(payload: dict) -> str:
     env = payload["environment"]
-    tuned = any("tvm_tuned" in row["latency_ms"] for row in payload["models"])
+    models = payload["models"]
+    labels = [k for k in ("tvm", "tvm_stock", "tvm_tuned") if any(k in row["latency_ms"] for row in models)]
+    names = {"tvm": "TVM default schedules", "tvm_stock": "TVM stock pipeline",
+             "tvm_tuned": f"TVM tuned ({payload['tune_trials']} trials)"}
+    peak = models[0]["peak_gflops"] if models else float("nan")
     lines = [
         "# ORT CPU vs TVM x86, batch 1",
         "",
@@ -88,28 +107,39 @@ def to_markdown(payload: dict) -> str:
         f"≥{MIN_SAMPLE_MS:.0f} ms of calls), input {payload['resolution']}×{payload['resolution']}, "
         f"onnxruntime {env.get('onnxruntime')}, apache-tvm {payload['tvm']}, torch {env.get('torch')}, "
         f"{env.get('processor') or env.get('machine')}. Ratios are medians (p10–p90) of per-round "
-        "`t_tvm / t_ort`: below 1 means TVM is faster.",
+        "`t_tvm / t_ort`: below 1 means TVM is faster. GFLOP/s = the model's FLOPs (torch's counter) / median "
+        f"latency; this machine's measured peak (1024³ matmul in torch, same threads): {peak:.1f} GFLOP/s.",
         "",
         "Produced by `python benchmarks/backends.py " + payload["argv"] + "`.",
         "",
-        "| model | ORT ms | TVM untuned ms | TVM / ORT (p10–p90) |"
-        + (f" TVM tuned ({payload['tune_trials']} trials) ms | tuned / ORT (p10–p90) |" if tuned else ""),
-        "|---|---|---|---|" + ("---|---|" if tuned else ""),
+        "| model | GFLOP | ORT ms (GFLOP/s) |" + "".join(f" {names[k]} ms (GFLOP/s) | / ORT (p10–p90) |"
+                                                   for k in labels) + " compile s |",
+        "|---|---|---|" + "---|---|" * len(labels) + "---|",
     ]
-    for row in payload["models"]:
-        lat, r = row["latency_ms"], row["ratio_vs_ort"]
-        line = (f"| {row['model']} | {lat['ort']['median']:.2f} | {lat['tvm']['median']:.2f} | "
-                f"**{r['tvm']['median']:.2f}** ({r['tvm']['p10']:.2f}–{r['tvm']['p90']:.2f}) |")
-        if tuned:
-            t = r["tvm_tuned"]
-            line += (f" {lat['tvm_tuned']['median']:.2f} | **{t['median']:.2f}** ({t['p10']:.2f}–{t['p90']:.2f}) |")
-        lines.append(line)
-    skipped = {row["builds"]["tvm_tuned"]["unavailable"] for row in payload["models"]
+    for row in models:
+        lat, r, g = row["latency_ms"], row["ratio_vs_ort"], row["gflops"]
+        line = f"| {row['model']} | {row['gflop']:.2f} | {lat['ort']['median']:.2f} ({g['ort']:.1f}) |"
+        for k in labels:
+            if k not in lat:
+                line += " – | – |"
+                continue
+            line += (f" {lat[k]['median']:.2f} ({g[k]:.1f}) | **{r[k]['median']:.2f}** "
+                     f"({r[k]['p10']:.2f}–{r[k]['p90']:.2f}) |")
+        compile_s = " / ".join(f"{row['builds'][k]['compile_seconds']:.0f}" for k in labels
+                               if "compile_seconds" in row["builds"].get(k, {}))
+        lines.append(line + f" {compile_s} |")
+    tuned = [row for row in models if (row["builds"].get("tvm_tuned") or {}).get("tuning")]
+    if tuned:
+        lines += ["", "Tuning: " + "; ".join(
+            f"{row['model']}: {t['tasks']} tasks ({t['tuned_now']} tuned now), tuned/default "
+            f"{t['tuned_over_default']:.2f}, kept {t['kept']}"
+            for row in tuned for t in [row["builds"]["tvm_tuned"]["tuning"]])]
+    skipped = {row["builds"]["tvm_tuned"]["unavailable"] for row in models
                if "unavailable" in row["builds"].get("tvm_tuned", {})}
     for why in sorted(skipped):
         lines += ["", f"Tuned TVM ({payload['tune_trials']} trials) was not measured: {why}"]
-    lines += ["", "Untuned TVM uses the default Relax pipeline's generic CPU schedules; MetaSchedule tuning with a "
-              "small budget covers only some kernels. Emulated aarch64 runs are never timed.", ""]
+    lines += ["", "Compile seconds are per TVM variant in column order (tuned: including tuning). Emulated "
+              "aarch64 runs are never timed.", ""]
     return "\n".join(lines)
 
 
@@ -118,11 +148,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(IMAGE_MODELS))
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule budget per model (0: skip)")
+    parser.add_argument("--stock", action="store_true", help="also time TVM's stock CPU pipeline (slow)")
     parser.add_argument("--out", default=str(RESULTS / "backends"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -131,7 +162,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="depthfold-bench-") as tmp:
         for name in args.models.split(","):
             row = bench_model(name, rounds=args.rounds, warmup=args.warmup, threads=args.threads,
-                              resolution=args.resolution, tune_trials=args.tune_trials, work=Path(tmp))
+                              resolution=args.resolution, tune_trials=args.tune_trials, stock=args.stock,
+                              work=Path(tmp))
             r = row["ratio_vs_ort"]
             print(f"{name}: ORT {row['latency_ms']['ort']['median']:.2f} ms, TVM {row['latency_ms']['tvm']['median']:.2f}"
                   f" ms (TVM/ORT median {r['tvm']['median']:.2f}, p10 {r['tvm']['p10']:.2f}, p90 {r['tvm']['p90']:.2f})"
