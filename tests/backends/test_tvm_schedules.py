@@ -38,15 +38,16 @@ def test_tiles_follow_the_vector_unit_and_divide_the_shape() -> None:
     assert schedules.choose_tile(64, 56, AVX512) == (8, 32)  # 8 pixels x 2 zmm registers of channels
     assert schedules.choose_tile(64, 56, NEON) == (4, 16)  # 4 pixels x 4 q registers
     assert schedules.choose_tile(64, 56, AVX2) == (4, 16)  # 12 accumulators of 16 registers: 6 rows fit, 4 divide
-    assert schedules.choose_tile(24, 112, AVX512) == (8, 24)  # no multiple of 16 divides 24: the whole axis
+    assert schedules.choose_tile(24, 112, AVX512) == (16, 8)  # no multiple of 16 divides 24: one 8-lane piece
+    assert schedules.choose_tile(144, 56, AVX512) == (14, 16)  # 32 does not divide 144: one vector, more rows
     assert schedules.choose_tile(96, 7, AVX512) == (7, 32)
-    pixels, channels = schedules.choose_tile(1000, 1, AVX512)  # a classifier's GEMV widens the channel tile
-    assert pixels == 1 and 1000 % channels == 0 and channels > 32
+    assert schedules.choose_tile(1280, 1, AVX512) == (1, 64)  # a matrix-vector product widens the channel tile
     for unit in (AVX512, NEON, AVX2):
         for c, p in ((3, 5), (17, 13), (320, 14), (1280, 1)):
             pt, ct = schedules.choose_tile(c, p, unit)
             assert c % ct == 0 and p % pt == 0
-            assert pt * -(-ct // unit.lanes) <= max(unit.accumulators, -(-ct // unit.lanes))
+            assert ct % unit.lanes == 0 or (ct < unit.lanes and unit.lanes % ct == 0)  # whole vectors or one piece
+            assert pt * -(-ct // unit.lanes) <= unit.accumulators
 
 
 def test_vector_unit_is_read_from_the_target() -> None:
