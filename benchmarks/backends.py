@@ -10,8 +10,8 @@ Variants per model, batch 1, timed interleaved in rotated rounds in one process 
 * ``tvm_tuned``  — default schedules + ``tune_trials=N`` (MetaSchedule here; the faster of tuned and default is
   kept), when ``--tune-trials N > 0``.
 
-Also per TVM build: compile seconds and achieved GFLOP/s against this machine's measured peak (a 1024^3
-matrix product in torch on the same thread count), from the artifact's ``efficiency`` record.
+Also per TVM build: compile seconds and achieved GFLOP/s against this machine's measured peak (square
+MatMul in ONNX Runtime on the same thread count), from the artifact's ``efficiency`` record.
 
 All variants run with the same fixed thread count (ORT ``intra_op_num_threads``; TVM's thread pool). Each sample
 averages enough calls to cover ``MIN_SAMPLE_MS``. Reported: median / p90 per variant and the median (p10, p90) of
@@ -108,7 +108,8 @@ def to_markdown(payload: dict) -> str:
         f"onnxruntime {env.get('onnxruntime')}, apache-tvm {payload['tvm']}, torch {env.get('torch')}, "
         f"{env.get('processor') or env.get('machine')}. Ratios are medians (p10–p90) of per-round "
         "`t_tvm / t_ort`: below 1 means TVM is faster. GFLOP/s = the model's FLOPs (torch's counter) / median "
-        f"latency; this machine's measured peak (1024³ matmul in torch, same threads): {peak:.1f} GFLOP/s.",
+        "latency; this machine's measured peak (best of 256–512 square MatMuls in ONNX Runtime, same threads): "
+        f"{peak:.1f} GFLOP/s.",
         "",
         "Produced by `python benchmarks/backends.py " + payload["argv"] + "`.",
         "",
