@@ -122,6 +122,17 @@ def _vectorize_elementwise(sch: Any, block: Any, unit: VectorUnit) -> None:
         sch.parallel(fused)
 
 
+def _open(func: Any) -> tuple[Any, list[Any]] | None:
+    """A schedule of a PrimFunc and its top-level blocks (None for anything else)."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = s_tir.Schedule(func)
+    return sch, list(sch.get_child_blocks(get_root_block(sch)))
+
+
 class Guarded:
     """A dlight schedule rule whose own exceptions mean "not applicable", so the next rule gets the kernel
     (TVM 0.27's CUDA GEMV rule asserts on depthwise convolutions instead of declining them)."""
@@ -148,19 +159,15 @@ def register_tiled(unit: VectorUnit) -> Any:
     """The rule for kernels with one reduction (conv, depthwise/grouped conv, dense, matmul, pooling): tile the
     last two output axes (pixels x channels) into a register tile, reduce over the whole window into it, write
     the tile back through the fused epilogue."""
-    from tvm import s_tir, tirx
-    from tvm.s_tir import dlight as dl
-    from tvm.s_tir.dlight.analysis import get_root_block
+    from tvm import tirx
+    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-    class RegisterTiled(dl.ScheduleRule):
-        def is_target_available(self, target: Any) -> bool:
-            return target.kind.name == "llvm"
-
+    class RegisterTiled(CPUScheduleRule):  # type: ignore[misc]
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-            if not isinstance(func, tirx.PrimFunc):
+            opened = _open(func)
+            if opened is None:
                 return None
-            sch = s_tir.Schedule(func)
-            blocks = list(sch.get_child_blocks(get_root_block(sch)))
+            sch, blocks = opened
             reductions = [k for k, b in enumerate(blocks) if _is_reduction(sch, b)]
             if len(reductions) != 1:
                 return None
@@ -243,19 +250,14 @@ def register_tiled(unit: VectorUnit) -> Any:
 def elementwise(unit: VectorUnit) -> Any:
     """The rule for kernels without a reduction: intermediates inlined, the output loop vectorised and
     parallelised."""
-    from tvm import s_tir, tirx
-    from tvm.s_tir import dlight as dl
-    from tvm.s_tir.dlight.analysis import get_root_block
+    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-    class Elementwise(dl.ScheduleRule):
-        def is_target_available(self, target: Any) -> bool:
-            return target.kind.name == "llvm"
-
+    class Elementwise(CPUScheduleRule):  # type: ignore[misc]
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-            if not isinstance(func, tirx.PrimFunc):
+            opened = _open(func)
+            if opened is None:
                 return None
-            sch = s_tir.Schedule(func)
-            blocks = list(sch.get_child_blocks(get_root_block(sch)))
+            sch, blocks = opened
             if not blocks or any(_is_reduction(sch, b) for b in blocks):
                 return None
             kept = []
