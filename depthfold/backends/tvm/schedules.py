@@ -1,14 +1,15 @@
 """Default CPU schedules for TVM's Relax pipeline: channels-last layout and register-tiled kernels.
 
-TVM 0.27 legalizes every operator into unscheduled TIR loops on CPU. This pipeline converts convolutions and
-pools to NHWC activations / HWIO weights (weights relaid at compile time, transposes left at the model's
-edges), then schedules every reduction kernel the way hand-written direct convolutions are written (Goto-style
-register blocking, as in "Anatomy of High-Performance Many-Threaded Matrix Multiplication" and the NHWC direct
-convolution of "High Performance Zero-Memory Overhead Direct Convolutions", Zhang et al., ICML 2018): an output
-tile of a few pixels x a few vector registers of channels accumulates in registers over the whole reduction,
-the elementwise epilogue (bias, BatchNorm, activation, residual add) runs on the tile at write-back, and the
-channel loop is vectorised. Elementwise kernels are vectorised and parallelised. Tile sizes come from the
-target's vector width and register count, so x86 (AVX2, AVX-512) and aarch64 (NEON) share one code path.
+TVM 0.27 legalizes every operator into unscheduled TIR loops on CPU. This pipeline converts convolutions to
+NHWC activations / HWIO weights (transposes left at the model's edges), then schedules every reduction kernel
+the way hand-written direct convolutions are written (Goto-style register blocking, as in "Anatomy of
+High-Performance Many-Threaded Matrix Multiplication", and the NHWC direct convolution of "High Performance
+Zero-Memory Overhead Direct Convolutions", Zhang et al., ICML 2018): an output tile of a few pixels x a few
+vector registers of channels accumulates in registers over the whole reduction, the elementwise epilogue
+(bias, BatchNorm, activation, residual add) runs on the tile at write-back, the channel loop is vectorised,
+and constant weights are relaid at compile time into the tile order. Elementwise kernels are vectorised and
+parallelised. Tile sizes come from the target's vector width and register count, so x86 (AVX2, AVX-512) and
+aarch64 (NEON) share one code path.
 """
 
 from __future__ import annotations
@@ -214,10 +215,37 @@ def register_tiled(unit: VectorUnit) -> Any:
             if reduce:  # last: loop annotations need the block with its init
                 init = sch.decompose_reduction(main, reduce[0])
                 self._vector_tile(sch, sch.get_loops(init)[1:])
+            self._prepack_weights(sch, func, main, stmt, spatial_vars, channel_tile)
             for b in before:
                 if not _is_reduction(sch, b):
                     _vectorize_elementwise(sch, b, unit)
             return sch
+
+        @staticmethod
+        def _prepack_weights(sch: Any, func: Any, main: Any, stmt: Any, spatial_vars: Sequence[Any],
+                             channel_tile: int) -> None:
+            """Relay each constant weight read by the kernel as ``[channel tiles, ..., channel_tile]`` so the
+            reduction streams it contiguously (HWIO rows are a whole output-channel row apart). The relayout
+            is a ``layout_rewrite_preproc`` block that ``SplitLayoutRewritePreproc`` lifts out and
+            ``FoldConstant`` then runs at compile time."""
+            free = {int(i) for i in func.attrs["layout_free_buffers"]} if "layout_free_buffers" in func.attrs \
+                else set()
+            params = [p.name for k, p in enumerate(func.params) if k in free]
+            channel = spatial_vars[-1].name
+            pixels = {v.name for v in spatial_vars[:-1]}
+            for index, read in enumerate(sch.get(main).reads):  # the block as scheduled: the accumulator first
+                region = [r.min for r in read.region]
+                if read.source.name not in params or len(region) < 2 \
+                        or {v.name for v in _vars_in(read.region)} & pixels:
+                    continue
+                if not (isinstance(region[-1], tirx.Var) and region[-1].name == channel):
+                    continue
+                if channel_tile == _int(read.source.shape[-1]):
+                    continue  # one tile spans the whole row already
+                cached = sch.cache_read(main, index, "global")
+                sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
+                sch.transform_layout(main, ("read", index),
+                                     lambda *i: (i[-1] // channel_tile, *i[:-1], i[-1] % channel_tile))
 
         @staticmethod
         def _vector_tile(sch: Any, loops: Sequence[Any]) -> None:
@@ -296,8 +324,11 @@ def cpu_pipeline(target: Any, *, records: Any = None, fused: bool = False) -> An
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             tuned = [] if records is None else [relax.transform.MetaScheduleApplyDatabase(str(records))]
-            seq = tvm.transform.Sequential(front + tuned + [dl.ApplyDefaultSchedule(*rules)]
-                                           + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            # weights are marked layout-free, the schedules relay them, the relayout is split out and folded
+            prepack = [relax.transform.AttachAttrLayoutFreeBuffers(), dl.ApplyDefaultSchedule(*rules),
+                       relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
+            seq = tvm.transform.Sequential(front + tuned + prepack + cpu.dataflow_lower_passes(target)
+                                           + cpu.finalize_passes(target))
             return seq(mod)
 
     return _pipeline
