@@ -271,7 +271,7 @@ def test_tvm_bad_targets_and_options() -> None:
 def test_tvm_tuning_runs_keeps_the_faster_build_and_reuses_records(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """MetaSchedule tuning works with the pinned FFI (it segfaulted with the one pip resolves); the build
     kept is whichever of tuned / default schedules ran faster here, still matches torch, and a second build
-    for the same target finds every workload in the record cache."""
+    for the same target tunes only the workloads that have no measured record yet."""
     monkeypatch.setenv("DEPTHFOLD_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
     m, x = _Small().eval(), torch.randn(1, 3, 8, 8)
@@ -283,7 +283,8 @@ def test_tvm_tuning_runs_keeps_the_faster_build_and_reuses_records(tmp_path: Pat
     with torch.no_grad():
         assert _rel_err(tvm_backend.run(art, (x,))[0], m(x).numpy()) <= RTOL
     again = tvm_backend.build(m, (x,), tune_trials=4).tuning
-    assert again is not None and again["tuned_now"] == 0 and again["tasks"] == tuning["tasks"]
+    # workloads with a measured record are not tuned again (4 trials cover only some of the tasks)
+    assert again is not None and again["tasks"] == tuning["tasks"] and again["tuned_now"] < tuning["tuned_now"]
 
 
 def test_tvm_tuning_with_stock_schedules_is_refused() -> None:

@@ -363,7 +363,9 @@ def _tuned(mod: Any, target: Any, target_json: dict[str, Any], trials: int) -> t
                                          + cpu.legalize_passes(target))(mod)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     database = ms.database.JSONDatabase(work_dir=str(work))
-    todo = [t for t in tasks if not database.has_workload(t.dispatched[0])]
+    # a workload counts as tuned once it has a measured record (a stopped run registers workloads first)
+    todo = [t for t in tasks if not (database.has_workload(t.dispatched[0])
+                                     and database.get_top_k(database.commit_workload(t.dispatched[0]), 1))]
     if todo:
         per_task = max(1, min(trials, 64))
         ms.relax_integration.tune_relax(fused, {}, target, work_dir=str(work), max_trials_global=trials,
