@@ -38,7 +38,7 @@ from .artifact import (
     verify_outputs,
 )
 from .run import measure, run
-from .schedules import Guarded, channels_last_passes, cpu_pipeline
+from .schedules import Guarded, cpu_pipeline, fusion_passes
 
 #: CPU kernel sources: depthfold's default schedules, or TVM's stock pipeline.
 SCHEDULES = ("depthfold", "tvm")
@@ -352,15 +352,13 @@ def tuning_dir(target_json: dict[str, Any]) -> Path:
 
 def _tuned(mod: Any, target: Any, target_json: dict[str, Any], trials: int) -> tuple[Any, dict[str, Any]]:
     """MetaSchedule-tuned build over the channels-last kernels; kernels without a record keep the default
-    schedules. Tasks whose workload is already in the target's record database are not tuned again."""
+    schedules. Tasks whose workload already has a measured record for this target are not tuned again."""
     import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.s_tir import meta_schedule as ms
 
     work = tuning_dir(target_json)
     with target:
-        fused = tvm.transform.Sequential(channels_last_passes() + cpu.library_dispatch_passes(target)
-                                         + cpu.legalize_passes(target))(mod)
+        fused = tvm.transform.Sequential(fusion_passes(target))(mod)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     database = ms.database.JSONDatabase(work_dir=str(work))
     # a workload counts as tuned once it has a measured record (a stopped run registers workloads first)

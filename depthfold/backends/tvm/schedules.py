@@ -318,7 +318,7 @@ def cpu_pipeline(target: Any, *, records: Any = None, fused: bool = False) -> An
 
     unit = VectorUnit.of(target)
     rules = [Guarded(register_tiled(unit)), Guarded(dl.cpu.Reduction()), Guarded(elementwise(unit))]
-    front = [] if fused else channels_last_passes() + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    front = [] if fused else fusion_passes(target)
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: Any, _ctx: Any) -> Any:
@@ -332,6 +332,14 @@ def cpu_pipeline(target: Any, *, records: Any = None, fused: bool = False) -> An
             return seq(mod)
 
     return _pipeline
+
+
+def fusion_passes(target: Any) -> list[Any]:
+    """Relax module to fused, unscheduled kernels: the channels-last rewrites, then TVM's CPU library dispatch
+    and legalization/fusion (what the default schedules and MetaSchedule tuning both start from)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return channels_last_passes() + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
 def channels_last_passes() -> list[Any]:
