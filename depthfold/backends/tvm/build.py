@@ -366,11 +366,30 @@ def _tuned(mod: Any, target: Any, target_json: dict[str, Any], trials: int) -> t
                                      and database.get_top_k(database.commit_workload(t.dispatched[0]), 1))]
     if todo:
         per_task = max(1, min(trials, 64))
+        builder = ms.builder.LocalBuilder(f_build=_build_candidate, timeout_sec=BUILD_TIMEOUT_S)
         ms.relax_integration.tune_relax(fused, {}, target, work_dir=str(work), max_trials_global=trials,
                                         max_trials_per_task=per_task, num_trials_per_iter=per_task,
-                                        database=database, seed=0)
+                                        builder=builder, database=database, seed=0)
+    measured = sum(1 for t in tasks if database.has_workload(t.dispatched[0])
+                   and database.get_top_k(database.commit_workload(t.dispatched[0]), 1))
+    if todo and measured == 0:
+        logger.warning("tvm: tuning measured no candidate (every build or run failed); the default schedules "
+                       "are used. MetaSchedule's logs are in %s", work / "logs")
     ex = tvm.compile(fused, target=target, relax_pipeline=cpu_pipeline(target, records=work, fused=True))
-    return ex, {"tasks": len(tasks), "tuned_now": len(todo), "records": str(work)}
+    return ex, {"tasks": len(tasks), "tuned_now": len(todo), "measured": measured, "records": str(work)}
+
+
+BUILD_TIMEOUT_S = 120.0
+
+
+def _build_candidate(mod: Any, target: Any, _params: Any) -> Any:
+    """MetaSchedule's default candidate build without its import of every tensor intrinsic (CUDA, ROCm, ...):
+    that import alone takes about 30 s in each fresh builder process, past the builder's timeout, and CPU
+    candidates use none of them."""
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target)
 
 
 def _keep_faster(default: Any, tuned: Any, specs: Sequence[TensorSpec],
