@@ -361,22 +361,25 @@ def _tuned(mod: Any, target: Any, target_json: dict[str, Any], trials: int) -> t
         fused = tvm.transform.Sequential(fusion_passes(target))(mod)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     database = ms.database.JSONDatabase(work_dir=str(work))
-    # a workload counts as tuned once it has a measured record (a stopped run registers workloads first)
-    todo = [t for t in tasks if not (database.has_workload(t.dispatched[0])
-                                     and database.get_top_k(database.commit_workload(t.dispatched[0]), 1))]
+
+    def measured(task: Any) -> bool:
+        """A workload counts as tuned once it has a measured record (a stopped run registers workloads first)."""
+        mod = task.dispatched[0]
+        return bool(database.has_workload(mod) and database.get_top_k(database.commit_workload(mod), 1))
+
+    todo = [t for t in tasks if not measured(t)]
     if todo:
         per_task = max(1, min(trials, 64))
         builder = ms.builder.LocalBuilder(f_build=_build_candidate, timeout_sec=BUILD_TIMEOUT_S)
         ms.relax_integration.tune_relax(fused, {}, target, work_dir=str(work), max_trials_global=trials,
                                         max_trials_per_task=per_task, num_trials_per_iter=per_task,
                                         builder=builder, database=database, seed=0)
-    measured = sum(1 for t in tasks if database.has_workload(t.dispatched[0])
-                   and database.get_top_k(database.commit_workload(t.dispatched[0]), 1))
-    if todo and measured == 0:
+    with_record = sum(measured(t) for t in tasks)
+    if todo and with_record == 0:
         logger.warning("tvm: tuning measured no candidate (every build or run failed); the default schedules "
                        "are used. MetaSchedule's logs are in %s", work / "logs")
     ex = tvm.compile(fused, target=target, relax_pipeline=cpu_pipeline(target, records=work, fused=True))
-    return ex, {"tasks": len(tasks), "tuned_now": len(todo), "measured": measured, "records": str(work)}
+    return ex, {"tasks": len(tasks), "tuned_now": len(todo), "measured": with_record, "records": str(work)}
 
 
 BUILD_TIMEOUT_S = 120.0
