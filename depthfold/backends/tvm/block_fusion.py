@@ -1,0 +1,381 @@
+"""Block fusion: a whole inverted residual (1x1 expand -> depthwise KxK -> 1x1 project [+ residual]) in one kernel.
+
+"On the Efficiency of Convolutional Neural Networks" (Lavin, 2024) implements "all the layers of a residual
+block in a single kernel, creating temporal locality, avoiding communication, and reducing workspace size".
+Unfused, MobileNetV2's blocks write the expanded feature map (6x the block's width) to memory twice and read
+it back twice; here it never leaves the cache. The kernel walks the output rows once: the expand stage fills a
+ring buffer of K padded input rows (each row computed exactly once), the depthwise stage turns the ring into
+one output row, and the projection reduces that row straight into the output (with the residual add). Every
+stage is register-tiled like :mod:`.schedules` (pixels x channel vectors accumulated over the reduction); the
+epilogues (bias, BatchNorm, ReLU/ReLU6) are folded into the stage's write-back, BatchNorm's scale into the
+weights. Weights are relaid at compile time in the tile order.
+
+The rewrite runs on channels-last Relax (after :func:`.schedules.channels_last_passes`) and matches by
+structure, not by model: any NHWC chain conv1x1 -> affine/clip -> depthwise conv -> affine/clip -> conv1x1 ->
+affine [-> + block input] with constant weights and single-use intermediates (the expand is optional).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._common import logger
+from .schedules import VectorUnit, choose_tile
+
+_AFFINE = ("relax.multiply", "relax.add")
+_CLIP = ("relax.maximum", "relax.minimum")
+
+
+@dataclass
+class _Stage:
+    """A conv's constants after folding its epilogue: weight (HWIO), per-channel shift, clip bounds."""
+
+    weight: np.ndarray
+    shift: np.ndarray
+    low: float | None
+    high: float | None
+
+
+@dataclass
+class InvertedResidual:
+    """One matched block: shapes, the folded stages, and the Relax vars it reads and replaces."""
+
+    x: Any
+    out: Any
+    shape: tuple[int, int, int, int]
+    out_shape: tuple[int, int, int, int]
+    kernel: int
+    stride: int
+    padding: int
+    expand: _Stage | None
+    depthwise: _Stage
+    project: _Stage
+    residual: bool
+
+
+def _const(expr: Any) -> np.ndarray | None:
+    import tvm
+
+    return expr.value.numpy().astype(np.float64) if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+def _op(call: Any) -> str:
+    from tvm import relax
+
+    return call.op.name if isinstance(call, relax.Call) and hasattr(call.op, "name") else ""
+
+
+class _Graph:
+    """The bindings of a Relax function's dataflow blocks: var -> value, and how often each var is read."""
+
+    def __init__(self, func: Any) -> None:
+        from tvm import relax
+        from tvm.relax.analysis import post_order_visit
+
+        self.value: dict[Any, Any] = {}
+        self.uses: dict[Any, int] = {}
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if isinstance(b, relax.VarBinding):
+                    self.value[b.var] = b.value
+
+        def count(e: Any) -> None:
+            if isinstance(e, relax.Var):
+                self.uses[e] = self.uses.get(e, 0) + 1
+
+        for value in self.value.values():
+            post_order_visit(value, count)
+        post_order_visit(func.body.body, count)
+
+    def single(self, var: Any) -> bool:
+        return self.uses.get(var, 0) == 1 and var in self.value
+
+
+def _conv(call: Any) -> dict[str, Any] | None:
+    """A channels-last float32 conv2d with a constant HWIO weight: its attributes, or None."""
+    if _op(call) != "relax.nn.conv2d":
+        return None
+    a = call.attrs
+    weight = _const(call.args[1])
+    if weight is None or a.data_layout != "NHWC" or a.kernel_layout != "HWIO" or a.out_layout != "NHWC" \
+            or any(int(d) != 1 for d in a.dilation) or str(call.ty.dtype) != "float32":
+        return None
+    pad = [int(p) for p in a.padding]
+    strides = [int(s) for s in a.strides]
+    if len(set(pad)) != 1 or strides[0] != strides[1]:
+        return None
+    return {"weight": weight, "groups": int(a.groups), "padding": pad[0], "stride": strides[0],
+            "shape": tuple(int(d) for d in call.args[0].ty.shape),
+            "out": tuple(int(d) for d in call.ty.shape)}
+
+
+def _epilogue(graph: _Graph, var: Any, channels: int, *, clip: bool) -> tuple[Any, np.ndarray, np.ndarray,
+                                                                              float | None, float | None]:
+    """Follow single-use per-channel multiplies/adds by constants, then (if ``clip``) maximum/minimum by scalar
+    constants, from ``var``; returns the last var, the folded scale and shift, and the clip bounds."""
+    scale, shift = np.ones(channels), np.zeros(channels)
+    low = high = None
+    while graph.single(var):
+        user = _user(graph, var)
+        if user is None:
+            break
+        out, call = user
+        name = _op(call)
+        other = call.args[1] if call.args[0].same_as(var) else call.args[0]
+        c = _const(other)
+        if c is None or c.size not in (1, channels) or (c.size == channels and c.shape[-1] != channels):
+            break
+        c = np.broadcast_to(c.reshape(-1), (channels,))
+        if name in _AFFINE and low is None and high is None:
+            if name == "relax.multiply":
+                scale, shift = scale * c, shift * c
+            else:
+                shift = shift + c
+        elif clip and name in _CLIP and np.all(c == c[0]):
+            bound = float(c[0])
+            if name == "relax.maximum" and low is None and high is None:
+                low = bound
+            elif name == "relax.minimum" and high is None:
+                high = bound
+            else:
+                break
+        else:
+            break
+        var = out
+    return var, scale, shift, low, high
+
+
+def _user(graph: _Graph, var: Any) -> tuple[Any, Any] | None:
+    """The one binding that reads ``var`` (``var`` must be single-use)."""
+    from tvm import relax
+
+    for out, value in graph.value.items():
+        if isinstance(value, relax.Call) and any(a.same_as(var) for a in value.args):
+            return out, value
+    return None
+
+
+def _producer_of(graph: _Graph, var: Any) -> tuple[Any, list[Any]]:
+    """Walk back from ``var`` over single-use affine/clip ops; the var they start from, and the ops in order."""
+    chain: list[Any] = []
+    while var in graph.value and _op(graph.value[var]) in _AFFINE + _CLIP:
+        call = graph.value[var]
+        args = [a for a in call.args if _const(a) is None]
+        if len(args) != 1:
+            break
+        chain.append(var)
+        var = args[0]
+    return var, chain[::-1]
+
+
+def match(func: Any) -> list[InvertedResidual]:
+    """Every inverted residual in a channels-last Relax function."""
+    graph = _Graph(func)
+    blocks = []
+    for dw_var, call in graph.value.items():
+        dw = _conv(call)
+        if dw is None or dw["groups"] == 1 or dw["groups"] != dw["shape"][3] or dw["weight"].shape[2] != 1 \
+                or dw["weight"].shape[0] != dw["weight"].shape[1] or not graph.single(call.args[0]):
+            continue
+        kernel, hidden = dw["weight"].shape[0], dw["shape"][3]
+        if dw["padding"] > kernel - 1 or dw["stride"] > kernel:
+            continue
+        expand = None
+        x = call.args[0]
+        start, chain = _producer_of(graph, x)
+        pre = _conv(graph.value.get(start)) if start in graph.value else None
+        if pre is not None and pre["groups"] == 1 and pre["weight"].shape[:2] == (1, 1) and pre["stride"] == 1 \
+                and pre["padding"] == 0 and graph.single(start) and all(graph.single(v) for v in chain):
+            end, scale, shift, low, high = _epilogue(graph, start, hidden, clip=True)
+            if end.same_as(x):
+                w = pre["weight"][0, 0] * scale  # [C, M], BN scale folded
+                expand = _Stage(w, shift, low, high)
+                x = graph.value[start].args[0]
+        end, scale, shift, low, high = _epilogue(graph, dw_var, hidden, clip=True)
+        project_call = graph.value.get(_user(graph, end)[0]) if graph.single(end) and _user(graph, end) else None
+        proj = _conv(project_call) if project_call is not None else None
+        if proj is None or proj["groups"] != 1 or proj["weight"].shape[:2] != (1, 1) or proj["stride"] != 1 \
+                or proj["padding"] != 0 or not project_call.args[0].same_as(end):
+            continue
+        depthwise = _Stage(dw["weight"][:, :, 0, :] * scale, shift, low, high)
+        proj_var = _user(graph, end)[0]
+        out_ch = proj["out"][3]
+        last, pscale, pshift, plow, phigh = _epilogue(graph, proj_var, out_ch, clip=True)
+        project = _Stage(proj["weight"][0, 0] * pscale, pshift, plow, phigh)
+        residual = False
+        if graph.single(last) and _user(graph, last) is not None:
+            out, add = _user(graph, last)
+            if _op(add) == "relax.add" and any(a.same_as(x) for a in add.args) \
+                    and tuple(int(d) for d in x.ty.shape) == proj["out"]:
+                residual, last = True, out
+        shape = tuple(int(d) for d in x.ty.shape)
+        if str(x.ty.dtype) != "float32" or len(shape) != 4:
+            continue
+        blocks.append(InvertedResidual(x=x, out=last, shape=shape, out_shape=proj["out"], kernel=kernel,
+                                       stride=dw["stride"], padding=dw["padding"], expand=expand,
+                                       depthwise=depthwise, project=project, residual=residual))
+    return blocks
+
+
+def _act(value: str, low: float | None, high: float | None) -> str:
+    if low is not None:
+        value = f"T.max({value}, T.float32({low!r}))"
+    if high is not None:
+        value = f"T.min({value}, T.float32({high!r}))"
+    return value
+
+
+def kernel_source(block: InvertedResidual, unit: VectorUnit) -> tuple[str, list[np.ndarray]]:
+    """TVMScript of the fused kernel and its constant arguments (weights relaid in tile order, shifts)."""
+    n, h, w, c = block.shape
+    _, ho, wo, co = block.out_shape
+    k, s, p = block.kernel, block.stride, block.padding
+    m = block.depthwise.weight.shape[-1]
+    wp = w + 2 * p
+    pd, cd = choose_tile(m, wo, unit)
+    pp, cp = choose_tile(co, wo, unit)
+    consts: list[np.ndarray] = []
+    params = [f"X: T.Buffer(({n}, {h}, {w}, {c}), 'float32')"]
+    fill: str
+    if block.expand is not None:
+        pe, ce = choose_tile(m, w, unit)
+        w1 = block.expand.weight.reshape(c, m // ce, ce).transpose(1, 0, 2)
+        consts += [w1, block.expand.shift]
+        params += [f"W1: T.Buffer(({m // ce}, {c}, {ce}), 'float32')", f"B1: T.Buffer(({m},), 'float32')"]
+        act1 = _act(f"acc1[q, v] + B1[mt * {ce} + v]", block.expand.low, block.expand.high)
+        fill = f"""
+                for wt, mt in T.grid({w // pe}, {m // ce}):
+                    acc1 = T.decl_buffer(({pe}, {ce}), "float32", scope="local")
+                    for q in T.unroll({pe}):
+                        for v in T.vectorized({ce}):
+                            acc1[q, v] = T.float32(0)
+                    for kk in range({c}):
+                        for q in T.unroll({pe}):
+                            for v in T.vectorized({ce}):
+                                acc1[q, v] = acc1[q, v] + X[b, r, wt * {pe} + q, kk] * W1[mt, kk, v]
+                    for q in T.unroll({pe}):
+                        for v in T.vectorized({ce}):
+                            E[r % {k}, {p} + wt * {pe} + q, mt * {ce} + v] = {act1}"""
+    else:
+        piece = max(d for d in (16, 8, 4, 2, 1) if m % d == 0 and d <= unit.lanes)
+        fill = f"""
+                for j, mt in T.grid({w}, {m // piece}):
+                    for v in T.vectorized({piece}):
+                        E[r % {k}, {p} + j, mt * {piece} + v] = X[b, r, j, mt * {piece} + v]"""
+    fill = fill.replace("\n", "\n        ")
+    w2 = block.depthwise.weight.reshape(k, k, m // cd, cd).transpose(2, 0, 1, 3)
+    w3 = block.project.weight.reshape(m, co // cp, cp).transpose(1, 0, 2)
+    consts += [w2, block.depthwise.shift, w3, block.project.shift]
+    params += [f"W2: T.Buffer(({m // cd}, {k}, {k}, {cd}), 'float32')", f"B2: T.Buffer(({m},), 'float32')",
+               f"W3: T.Buffer(({co // cp}, {m}, {cp}), 'float32')", f"B3: T.Buffer(({co},), 'float32')",
+               f"Y: T.Buffer(({n}, {ho}, {wo}, {co}), 'float32')"]
+    act2 = _act(f"acc2[q, v] + B2[mt * {cd} + v]", block.depthwise.low, block.depthwise.high)
+    act3 = _act(f"acc3[q, v] + B3[ot * {cp} + v]", block.project.low, block.project.high)
+    if block.residual:
+        act3 = f"{act3} + X[b, ho, wt * {pp} + q, ot * {cp} + v]"
+    reads = ", ".join(f"{name}[{', '.join(f'0:{d}' for d in shape)}]"
+                      for name, shape in zip(["X", "W1", "B1"] if block.expand is not None else ["X"],
+                                             [block.shape, *[a.shape for a in consts[:2]]]))
+    reads += ", " + ", ".join(f"{name}[{', '.join(f'0:{d}' for d in a.shape)}]"
+                              for name, a in zip(["W2", "B2", "W3", "B3"], consts[-4:]))
+    source = f"""
+@T.prim_func(private=True, s_tir=True)
+def main({", ".join(params)}):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+    with T.sblock("root"):
+        with T.sblock("inverted_residual"):
+            T.reads({reads})
+            T.writes(Y[0:{n}, 0:{ho}, 0:{wo}, 0:{co}])
+            E = T.decl_buffer(({k}, {wp}, {m}), "float32")
+            D = T.decl_buffer(({wo}, {m}), "float32")
+            for b in range({n}):
+                for r0, j, v in T.grid({k}, {wp}, {m}):
+                    E[r0, j, v] = T.float32(0)
+                for ho in range({ho}):
+                    lo = T.if_then_else(ho == 0, 0, T.max(0, (ho - 1) * {s} + {k - p}))
+                    hi = T.min({h}, ho * {s} + {k - p})
+                    for r in range(lo, hi):{fill}
+                    for wt, mt in T.grid({wo // pd}, {m // cd}):
+                        acc2 = T.decl_buffer(({pd}, {cd}), "float32", scope="local")
+                        for q in T.unroll({pd}):
+                            for v in T.vectorized({cd}):
+                                acc2[q, v] = T.float32(0)
+                        for ry in range({k}):
+                            if ho * {s} - {p} + ry >= 0 and ho * {s} - {p} + ry < {h}:
+                                for rx in range({k}):
+                                    for q in T.unroll({pd}):
+                                        for v in T.vectorized({cd}):
+                                            acc2[q, v] = acc2[q, v] + E[(ho * {s} - {p} + ry) % {k}, (wt * {pd} + q) * {s} + rx, mt * {cd} + v] * W2[mt, ry, rx, v]
+                        for q in T.unroll({pd}):
+                            for v in T.vectorized({cd}):
+                                D[wt * {pd} + q, mt * {cd} + v] = {act2}
+                    for wt, ot in T.grid({wo // pp}, {co // cp}):
+                        acc3 = T.decl_buffer(({pp}, {cp}), "float32", scope="local")
+                        for q in T.unroll({pp}):
+                            for v in T.vectorized({cp}):
+                                acc3[q, v] = T.float32(0)
+                        for kk in range({m}):
+                            for q in T.unroll({pp}):
+                                for v in T.vectorized({cp}):
+                                    acc3[q, v] = acc3[q, v] + D[wt * {pp} + q, kk] * W3[ot, kk, v]
+                        for q in T.unroll({pp}):
+                            for v in T.vectorized({cp}):
+                                Y[b, ho, wt * {pp} + q, ot * {cp} + v] = {act3}
+"""
+    return source, [np.ascontiguousarray(a, dtype=np.float32) for a in consts]
+
+
+def kernel(block: InvertedResidual, unit: VectorUnit) -> tuple[Any, list[np.ndarray]]:
+    """The fused kernel as a PrimFunc, and its constant arguments."""
+    from tvm.script import from_source
+
+    source, consts = kernel_source(block, unit)
+    return from_source(source), consts
+
+
+def fuse_inverted_residuals(target: Any) -> Any:
+    """A Relax module pass replacing every matched inverted residual by one call to its fused kernel."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    unit = VectorUnit.of(target)
+
+    @mutator
+    class _Rewriter(PyExprMutator):  # type: ignore[misc]
+        def __init__(self, mod: Any, replace: dict[Any, Any]) -> None:
+            super().__init__(mod)
+            self.replace = replace
+
+        def visit_var_binding_(self, binding: Any) -> None:
+            block = self.replace.get(binding.var)
+            if block is None:
+                super().visit_var_binding_(binding)
+                return
+            func, consts = kernel(block, unit)
+            gv = self.builder_.add_func(func, "fused_inverted_residual")
+            args = [self.visit_expr(block.x)] + [relax.const(c) for c in consts]
+            call = relax.call_tir(gv, relax.Tuple(args), relax.TensorType(list(block.out_shape), "float32"))
+            emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+            self.set_var_remap(binding.var, emit(call))
+
+    @tvm.transform.module_pass(opt_level=0, name="FuseInvertedResiduals")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        replace: dict[Any, Any] = {}
+        for _gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                for block in match(func):
+                    replace[block.out] = block
+        if not replace:
+            return mod
+        logger.info("tvm: block fusion: %d inverted residual(s) in one kernel each", len(replace))
+        rewriter = _Rewriter(mod, replace)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+    return _pass
