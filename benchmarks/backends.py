@@ -5,7 +5,9 @@ Variants per model, batch 1, timed interleaved in rotated rounds in one process 
 
 * ``ort``        — ``torch.onnx.export(dynamo=True)`` model in ONNX Runtime (CPU EP, ORT_ENABLE_ALL);
 * ``tvm``        — ``depthfold.backends.tvm.compile(model, target="x86")``: channels-last, register-tiled
-  default schedules (``depthfold.backends.tvm.schedules``), untuned;
+  default schedules (``depthfold.backends.tvm.schedules``) with each inverted residual fused into one kernel
+  (``depthfold.backends.tvm.block_fusion``), untuned;
+* ``tvm_per_layer`` — ``schedules="per_layer"``: the same schedules, one kernel per layer, with ``--per-layer``;
 * ``tvm_stock``  — ``schedules="tvm"``: TVM's own CPU pipeline (unscheduled loops), with ``--stock``;
 * ``tvm_tuned``  — default schedules + ``tune_trials=N`` (MetaSchedule here; the faster of tuned and default is
   kept), when ``--tune-trials N > 0``.
@@ -19,7 +21,7 @@ per-round ratios ``t_variant / t_ort`` (below 1: TVM faster). Every TVM build is
 relative) before it is timed. Writes ``benchmarks/results/backends.{json,md}``.
 
     python benchmarks/backends.py [--models resnet18,vit_tiny] [--resolution 224] [--rounds 20] [--tune-trials 64]
-                                  [--stock]
+                                  [--stock] [--per-layer]
 
 Tuning costs minutes per model (MetaSchedule builds and measures ``N`` candidates per run; records are cached
 per target under ``$DEPTHFOLD_CACHE/tvm-tuning``). Numbers are for the machine that ran it only.
@@ -50,7 +52,7 @@ IMAGE_MODELS = [n for n in zoo.list_models() if zoo.spec(n).family != "llm"]
 
 
 def bench_model(name: str, *, rounds: int, warmup: int, threads: int, resolution: int, tune_trials: int,
-                stock: bool, work: Path) -> dict:
+                stock: bool, per_layer: bool, work: Path) -> dict:
     torch.manual_seed(0)
     kwargs: dict = {"num_classes": 10}
     if zoo.spec(name).family == "vit":
@@ -62,7 +64,8 @@ def bench_model(name: str, *, rounds: int, warmup: int, threads: int, resolution
     feed = ort.feeds(session, inputs)
     fns = {"ort": lambda: session.run(None, feed)}
     builds: dict[str, dict] = {}
-    variants = [("tvm", 0, "depthfold")] + ([("tvm_stock", 0, "tvm")] if stock else []) \
+    variants = [("tvm", 0, "depthfold")] + ([("tvm_per_layer", 0, "per_layer")] if per_layer else []) \
+        + ([("tvm_stock", 0, "tvm")] if stock else []) \
         + ([("tvm_tuned", tune_trials, "depthfold")] if tune_trials else [])
     for label, trials, schedules in variants:
         start = time.perf_counter()
@@ -96,8 +99,10 @@ def bench_model(name: str, *, rounds: int, warmup: int, threads: int, resolution
 def to_markdown(payload: dict) -> str:
     env = payload["environment"]
     models = payload["models"]
-    labels = [k for k in ("tvm", "tvm_stock", "tvm_tuned") if any(k in row["latency_ms"] for row in models)]
-    names = {"tvm": "TVM default schedules", "tvm_stock": "TVM stock pipeline",
+    labels = [k for k in ("tvm", "tvm_per_layer", "tvm_stock", "tvm_tuned")
+              if any(k in row["latency_ms"] for row in models)]
+    names = {"tvm": "TVM default schedules", "tvm_per_layer": "TVM one kernel per layer",
+             "tvm_stock": "TVM stock pipeline",
              "tvm_tuned": f"TVM tuned ({payload['tune_trials']} trials)"}
     peak = models[0]["peak_gflops"] if models else float("nan")
     lines = [
@@ -155,6 +160,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule budget per model (0: skip)")
     parser.add_argument("--stock", action="store_true", help="also time TVM's stock CPU pipeline (slow)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also time the default schedules without block fusion (one kernel per layer)")
     parser.add_argument("--out", default=str(RESULTS / "backends"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -164,10 +171,11 @@ def main() -> None:
         for name in args.models.split(","):
             row = bench_model(name, rounds=args.rounds, warmup=args.warmup, threads=args.threads,
                               resolution=args.resolution, tune_trials=args.tune_trials, stock=args.stock,
-                              work=Path(tmp))
+                              per_layer=args.per_layer, work=Path(tmp))
             r = row["ratio_vs_ort"]
             print(f"{name}: ORT {row['latency_ms']['ort']['median']:.2f} ms, TVM {row['latency_ms']['tvm']['median']:.2f}"
                   f" ms (TVM/ORT median {r['tvm']['median']:.2f}, p10 {r['tvm']['p10']:.2f}, p90 {r['tvm']['p90']:.2f})"
+                  + (f", per-layer/ORT {r['tvm_per_layer']['median']:.2f}" if "tvm_per_layer" in r else "")
                   + (f", tuned/ORT {r['tvm_tuned']['median']:.2f}" if "tvm_tuned" in r else ""), flush=True)
             rows.append(row)
     import importlib.metadata

@@ -110,7 +110,8 @@ class Compiled:
     tuned_trials: int = 0
     compile_s: float = 0.0
     schedules: str = "depthfold"
-    """CPU kernels: depthfold's default schedules, or ``"tvm"`` (TVM's own pipeline; always for CUDA)."""
+    """CPU kernels: depthfold's default schedules (``"depthfold"``: block-fused; ``"per_layer"``), or ``"tvm"``
+    (TVM's own pipeline; always for CUDA)."""
     flops: int | None = None
     """FLOPs of one call, counted on the torch model (None for ONNX sources)."""
     tuning: dict[str, Any] | None = None

@@ -40,8 +40,9 @@ from .artifact import (
 from .run import measure, run
 from .schedules import Guarded, cpu_pipeline, fusion_passes
 
-#: CPU kernel sources: depthfold's default schedules, or TVM's stock pipeline.
-SCHEDULES = ("depthfold", "tvm")
+#: CPU kernel sources: depthfold's default schedules with block fusion, the same one kernel per layer, or TVM's
+#: stock pipeline.
+SCHEDULES = ("depthfold", "per_layer", "tvm")
 _CROSS_CXX = "aarch64-linux-gnu-g++"
 _CROSS_PACKAGE = "g++-aarch64-linux-gnu"
 _DEFAULT_CUDA_ARCH = "sm_80"
@@ -350,7 +351,8 @@ def tuning_dir(target_json: dict[str, Any]) -> Path:
     return cache_dir("tvm-tuning", key)
 
 
-def _tuned(mod: Any, target: Any, target_json: dict[str, Any], trials: int) -> tuple[Any, dict[str, Any]]:
+def _tuned(mod: Any, target: Any, target_json: dict[str, Any], trials: int, *,
+           block_fusion: bool) -> tuple[Any, dict[str, Any]]:
     """MetaSchedule-tuned build over the channels-last kernels; kernels without a record keep the default
     schedules. Tasks whose workload already has a measured record for this target are not tuned again."""
     import tvm
@@ -358,7 +360,7 @@ def _tuned(mod: Any, target: Any, target_json: dict[str, Any], trials: int) -> t
 
     work = tuning_dir(target_json)
     with target:
-        fused = tvm.transform.Sequential(fusion_passes(target))(mod)
+        fused = tvm.transform.Sequential(fusion_passes(target, block_fusion=block_fusion))(mod)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     database = ms.database.JSONDatabase(work_dir=str(work))
 
@@ -447,7 +449,9 @@ def build(
             candidates on this machine, so it needs a target this machine runs (x86 here; cuda with a GPU).
         frontend: ``"auto"`` (torch frontend, ONNX fallback), ``"torch"`` (no fallback) or ``"onnx"``.
         schedules: CPU kernels: ``"depthfold"`` (channels-last, register-tiled default schedules, see
-            :mod:`~depthfold.backends.tvm.schedules`) or ``"tvm"`` (TVM's stock CPU pipeline, unscheduled loops).
+            :mod:`~depthfold.backends.tvm.schedules`, with each inverted residual fused into one kernel, see
+            :mod:`~depthfold.backends.tvm.block_fusion`), ``"per_layer"`` (the same schedules, one kernel per
+            layer) or ``"tvm"`` (TVM's stock CPU pipeline, unscheduled loops).
 
     Raises:
         BackendUnavailableError: tvm, the cross toolchain or nvcc missing.
@@ -554,9 +558,10 @@ def build(
         elif schedules == "tvm":
             ex = tvm.compile(mod, target=tgt)
         else:
-            ex = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt))
+            block_fusion = schedules == "depthfold"
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, block_fusion=block_fusion))
             if tune_trials:
-                tuned, tuning = _tuned(mod, tgt, tjson, tune_trials)
+                tuned, tuning = _tuned(mod, tgt, tjson, tune_trials, block_fusion=block_fusion)
                 ex = _keep_faster(ex, tuned, in_specs, reference, tuning)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -657,7 +662,8 @@ def compile(  # noqa: A001  (the backend verb; shadowing the builtin inside this
         tune_trials: MetaSchedule trial budget; 0 (default) is untuned.
         out_dir: Artifact directory (created); default ``./tvm-<target>``.
         frontend: ``"auto"``, ``"torch"`` or ``"onnx"`` (see :func:`build`).
-        schedules: ``"depthfold"`` (default schedules) or ``"tvm"`` (see :func:`build`).
+        schedules: ``"depthfold"`` (default schedules, block fusion), ``"per_layer"`` or ``"tvm"`` (see
+            :func:`build`).
         verify: For a target this machine runs (x86 here), run the library on the example inputs and compare
             with torch; the error is recorded, and an error over ``rtol`` raises.
         rtol: Largest accepted ``max_abs / max(1, max|ref|)`` per output.
