@@ -49,7 +49,8 @@ class InvertedResidual:
     out_shape: tuple[int, int, int, int]
     kernel: int
     stride: int
-    padding: int
+    padding: tuple[int, int]
+    """The depthwise conv's top and left zero padding (bottom and right follow from the output size)."""
     expand: _Stage | None
     depthwise: _Stage
     project: _Stage
@@ -105,27 +106,29 @@ def _conv(call: Any) -> dict[str, Any] | None:
         return None
     pad = [int(p) for p in a.padding]
     strides = [int(s) for s in a.strides]
-    if len(set(pad)) != 1 or strides[0] != strides[1]:
+    if strides[0] != strides[1]:
         return None
-    return {"weight": weight, "groups": int(a.groups), "padding": pad[0], "stride": strides[0],
+    return {"weight": weight, "groups": int(a.groups), "padding": tuple(pad), "stride": strides[0],
             "shape": tuple(int(d) for d in call.args[0].ty.shape),
             "out": tuple(int(d) for d in call.ty.shape)}
 
 
-def _epilogue(graph: _Graph, var: Any, channels: int, *, clip: bool) -> tuple[Any, np.ndarray, np.ndarray,
-                                                                              float | None, float | None]:
-    """Follow single-use per-channel multiplies/adds by constants, then (if ``clip``) maximum/minimum by scalar
-    constants, from ``var``; returns the last var, the folded scale and shift, and the clip bounds."""
+def _epilogue(graph: _Graph, var: Any, channels: int) -> tuple[Any, np.ndarray, np.ndarray, float | None,
+                                                                float | None]:
+    """Follow single-use per-channel multiplies/adds by constants (bias, BatchNorm), then an activation (ReLU,
+    or maximum/minimum by scalar constants: ReLU6, hardtanh) from ``var``; returns the last var, the folded
+    scale and shift, and the clip bounds (None: unbounded)."""
     scale, shift = np.ones(channels), np.zeros(channels)
     low = high = None
-    while graph.single(var):
-        user = _user(graph, var)
-        if user is None:
-            break
+    while graph.single(var) and (user := _user(graph, var)) is not None:
         out, call = user
         name = _op(call)
-        other = call.args[1] if call.args[0].same_as(var) else call.args[0]
-        c = _const(other)
+        if name == "relax.nn.relu" and low is None and high is None:
+            low, var = 0.0, out
+            continue
+        if name not in _AFFINE + _CLIP or len(call.args) != 2:
+            break
+        c = _const(call.args[1] if call.args[0].same_as(var) else call.args[0])
         if c is None or c.size not in (1, channels) or (c.size == channels and c.shape[-1] != channels):
             break
         c = np.broadcast_to(c.reshape(-1), (channels,))
@@ -134,14 +137,10 @@ def _epilogue(graph: _Graph, var: Any, channels: int, *, clip: bool) -> tuple[An
                 scale, shift = scale * c, shift * c
             else:
                 shift = shift + c
-        elif clip and name in _CLIP and np.all(c == c[0]):
-            bound = float(c[0])
-            if name == "relax.maximum" and low is None and high is None:
-                low = bound
-            elif name == "relax.minimum" and high is None:
-                high = bound
-            else:
-                break
+        elif name == "relax.maximum" and low is None and high is None and np.all(c == c[0]):
+            low = float(c[0])
+        elif name == "relax.minimum" and high is None and np.all(c == c[0]):
+            high = float(c[0])
         else:
             break
         var = out
@@ -161,7 +160,7 @@ def _user(graph: _Graph, var: Any) -> tuple[Any, Any] | None:
 def _producer_of(graph: _Graph, var: Any) -> tuple[Any, list[Any]]:
     """Walk back from ``var`` over single-use affine/clip ops; the var they start from, and the ops in order."""
     chain: list[Any] = []
-    while var in graph.value and _op(graph.value[var]) in _AFFINE + _CLIP:
+    while var in graph.value and _op(graph.value[var]) in (*_AFFINE, *_CLIP, "relax.nn.relu"):
         call = graph.value[var]
         args = [a for a in call.args if _const(a) is None]
         if len(args) != 1:
@@ -178,32 +177,32 @@ def match(func: Any) -> list[InvertedResidual]:
     for dw_var, call in graph.value.items():
         dw = _conv(call)
         if dw is None or dw["groups"] == 1 or dw["groups"] != dw["shape"][3] or dw["weight"].shape[2] != 1 \
-                or dw["weight"].shape[0] != dw["weight"].shape[1] or not graph.single(call.args[0]):
+                or dw["weight"].shape[0] != dw["weight"].shape[1]:
             continue
         kernel, hidden = dw["weight"].shape[0], dw["shape"][3]
-        if dw["padding"] > kernel - 1 or dw["stride"] > kernel:
+        if max(dw["padding"]) > kernel - 1 or dw["stride"] > kernel:
             continue
         expand = None
         x = call.args[0]
         start, chain = _producer_of(graph, x)
         pre = _conv(graph.value.get(start)) if start in graph.value else None
         if pre is not None and pre["groups"] == 1 and pre["weight"].shape[:2] == (1, 1) and pre["stride"] == 1 \
-                and pre["padding"] == 0 and graph.single(start) and all(graph.single(v) for v in chain):
-            end, scale, shift, low, high = _epilogue(graph, start, hidden, clip=True)
+                and not any(pre["padding"]) and graph.single(start) and all(graph.single(v) for v in chain):
+            end, scale, shift, low, high = _epilogue(graph, start, hidden)
             if end.same_as(x):
                 w = pre["weight"][0, 0] * scale  # [C, M], BN scale folded
                 expand = _Stage(w, shift, low, high)
                 x = graph.value[start].args[0]
-        end, scale, shift, low, high = _epilogue(graph, dw_var, hidden, clip=True)
+        end, scale, shift, low, high = _epilogue(graph, dw_var, hidden)
         project_call = graph.value.get(_user(graph, end)[0]) if graph.single(end) and _user(graph, end) else None
         proj = _conv(project_call) if project_call is not None else None
         if proj is None or proj["groups"] != 1 or proj["weight"].shape[:2] != (1, 1) or proj["stride"] != 1 \
-                or proj["padding"] != 0 or not project_call.args[0].same_as(end):
+                or any(proj["padding"]) or not project_call.args[0].same_as(end):
             continue
         depthwise = _Stage(dw["weight"][:, :, 0, :] * scale, shift, low, high)
         proj_var = _user(graph, end)[0]
         out_ch = proj["out"][3]
-        last, pscale, pshift, plow, phigh = _epilogue(graph, proj_var, out_ch, clip=True)
+        last, pscale, pshift, plow, phigh = _epilogue(graph, proj_var, out_ch)
         project = _Stage(proj["weight"][0, 0] * pscale, pshift, plow, phigh)
         residual = False
         if graph.single(last) and _user(graph, last) is not None:
@@ -215,7 +214,7 @@ def match(func: Any) -> list[InvertedResidual]:
         if str(x.ty.dtype) != "float32" or len(shape) != 4:
             continue
         blocks.append(InvertedResidual(x=x, out=last, shape=shape, out_shape=proj["out"], kernel=kernel,
-                                       stride=dw["stride"], padding=dw["padding"], expand=expand,
+                                       stride=dw["stride"], padding=dw["padding"][:2], expand=expand,
                                        depthwise=depthwise, project=project, residual=residual))
     return blocks
 
@@ -232,9 +231,9 @@ def kernel_source(block: InvertedResidual, unit: VectorUnit) -> tuple[str, list[
     """TVMScript of the fused kernel and its constant arguments (weights relaid in tile order, shifts)."""
     n, h, w, c = block.shape
     _, ho, wo, co = block.out_shape
-    k, s, p = block.kernel, block.stride, block.padding
+    k, s, (p, pl) = block.kernel, block.stride, block.padding
     m = block.depthwise.weight.shape[-1]
-    wp = w + 2 * p
+    wp = max(w + pl, (wo - 1) * s + k)  # padded columns: left padding, the row, then right padding
     pd, cd = choose_tile(m, wo, unit)
     pp, cp = choose_tile(co, wo, unit)
     consts: list[np.ndarray] = []
@@ -258,13 +257,13 @@ def kernel_source(block: InvertedResidual, unit: VectorUnit) -> tuple[str, list[
                                 acc1[q, v] = acc1[q, v] + X[b, r, wt * {pe} + q, kk] * W1[mt, kk, v]
                     for q in T.unroll({pe}):
                         for v in T.vectorized({ce}):
-                            E[r % {k}, {p} + wt * {pe} + q, mt * {ce} + v] = {act1}"""
+                            E[r % {k}, {pl} + wt * {pe} + q, mt * {ce} + v] = {act1}"""
     else:
         piece = max(d for d in (16, 8, 4, 2, 1) if m % d == 0 and d <= unit.lanes)
         fill = f"""
                 for j, mt in T.grid({w}, {m // piece}):
                     for v in T.vectorized({piece}):
-                        E[r % {k}, {p} + j, mt * {piece} + v] = X[b, r, j, mt * {piece} + v]"""
+                        E[r % {k}, {pl} + j, mt * {piece} + v] = X[b, r, j, mt * {piece} + v]"""
     fill = fill.replace("\n", "\n        ")
     w2 = block.depthwise.weight.reshape(k, k, m // cd, cd).transpose(2, 0, 1, 3)
     w3 = block.project.weight.reshape(m, co // cp, cp).transpose(1, 0, 2)
@@ -295,7 +294,7 @@ def main({", ".join(params)}):
                 for r0, j, v in T.grid({k}, {wp}, {m}):
                     E[r0, j, v] = T.float32(0)
                 for ho in range({ho}):
-                    lo = T.if_then_else(ho == 0, 0, T.max(0, (ho - 1) * {s} + {k - p}))
+                    lo = T.if_then_else(ho == 0, 0, T.min({h}, (ho - 1) * {s} + {k - p}))
                     hi = T.min({h}, ho * {s} + {k - p})
                     for r in range(lo, hi):{fill}
                     for wt, mt in T.grid({wo // pd}, {m // cd}):

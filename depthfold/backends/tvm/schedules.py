@@ -385,13 +385,15 @@ def fusion_passes(target: Any, *, block_fusion: bool = True) -> list[Any]:
 
 def channels_last_passes() -> list[Any]:
     """BatchNorm decomposed into elementwise ops (so it fuses into the conv's epilogue and its constants
-    fold), ReLU6 as max/min, then convolutions converted to NHWC/HWIO."""
+    fold), ReLU6 as max/min, explicit zero pads folded into the convs they feed, then convolutions converted to
+    NHWC/HWIO."""
     from tvm import relax
 
     # CanonicalizeBindings folds the decomposed BatchNorm's (out, mean, var)[0]; left in, the tuple ends the
     # conv's fusion group before the activation.
     return [_batch_norm_as_affine(), relax.transform.DecomposeOpsForInference(),
-            relax.transform.CanonicalizeBindings(), _clip_as_min_max(), relax.transform.ConvertLayout(CHANNELS_LAST)]
+            relax.transform.CanonicalizeBindings(), _clip_as_min_max(), _pad_into_conv(),
+            relax.transform.DeadCodeElimination(), relax.transform.ConvertLayout(CHANNELS_LAST)]
 
 
 def _rewrite_calls(name: str, op_name: str, rewrite: Any) -> Any:
@@ -466,3 +468,46 @@ def _clip_as_min_max() -> Any:
                                 relax.const(_scalar(high), dtype))
 
     return _rewrite_calls("ClipAsMinMax", "relax.clip", rewrite)
+
+
+def _pad_into_conv() -> Any:
+    """A constant-zero spatial ``pad`` feeding a conv2d becomes the conv's own (possibly asymmetric) padding: the
+    same values (TF "same" padding, as in transformers' MobileNetV2, pads explicitly). Left in, the pad has no
+    layout rule, so channels-last conversion wraps every one in two transposes."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    conv2d, pad = tvm.ir.Op.get("relax.nn.conv2d"), tvm.ir.Op.get("relax.nn.pad")
+
+    @mutator
+    class _Folder(PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not call.op.same_as(conv2d) or not isinstance(call.args[0], relax.Var):
+                return call
+            producer = self.lookup_binding(call.args[0])
+            a = call.attrs
+            if not (isinstance(producer, relax.Call) and producer.op.same_as(pad) and a.data_layout == "NCHW"
+                    and str(producer.attrs.pad_mode) == "constant" and len(producer.args) == 1
+                    and float(producer.attrs.pad_value) == 0.0):
+                return call
+            width = [int(w) for w in producer.attrs.pad_width]
+            if len(width) != 8 or any(width[:4]):
+                return call
+            top, left, bottom, right = (int(p) for p in a.padding)
+            return relax.op.nn.conv2d(producer.args[0], call.args[1], strides=a.strides,
+                                      padding=[top + width[4], left + width[6], bottom + width[5], right + width[7]],
+                                      dilation=a.dilation, groups=a.groups, data_layout=a.data_layout,
+                                      kernel_layout=a.kernel_layout, out_layout=a.out_layout,
+                                      out_dtype=a.out_dtype)
+
+    @tvm.transform.module_pass(opt_level=0, name="PadIntoConv")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        folder = _Folder(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                folder.builder_.update_func(gv, folder.visit_expr(func))
+        return folder.builder_.get()
+
+    return _pass
