@@ -106,6 +106,9 @@ def test_kernel_streams_rows_through_a_ring_of_kernel_rows() -> None:
     assert "E = T.decl_buffer((3, 30, 96)" in source  # 3 rows of the padded, expanded map
     assert "D = T.decl_buffer((28, 96)" in source  # one depthwise output row
     assert source.count("T.vectorized(") >= 6
+    assert "T.parallel(1)" in source  # one core: one band of rows
+    banded, _ = block_fusion.kernel_source(b, unit, cores=4)
+    assert "T.parallel(4)" in banded and "for i in range(7)" in banded  # 4 bands of 7 rows, a ring each
     w1 = consts[0]  # [hidden tiles, in, tile]
     bn = model.body[1]
     scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()

@@ -227,8 +227,11 @@ def _act(value: str, low: float | None, high: float | None) -> str:
     return value
 
 
-def kernel_source(block: InvertedResidual, unit: VectorUnit) -> tuple[str, list[np.ndarray]]:
-    """TVMScript of the fused kernel and its constant arguments (weights relaid in tile order, shifts)."""
+def kernel_source(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> tuple[str, list[np.ndarray]]:
+    """TVMScript of the fused kernel and its constant arguments (weights relaid in tile order, shifts).
+
+    With ``cores`` > 1 the output rows are cut into up to that many bands of at least 4 rows, run in parallel,
+    each with its own ring (a band recomputes the K - stride expanded rows it shares with the one before)."""
     n, h, w, c = block.shape
     _, ho, wo, co = block.out_shape
     k, s, (p, pl) = block.kernel, block.stride, block.padding
@@ -236,6 +239,7 @@ def kernel_source(block: InvertedResidual, unit: VectorUnit) -> tuple[str, list[
     wp = max(w + pl, (wo - 1) * s + k)  # padded columns: left padding, the row, then right padding
     pd, cd = choose_tile(m, wo, unit)
     pp, cp = choose_tile(co, wo, unit)
+    bands = max(d for d in range(1, ho + 1) if ho % d == 0 and d <= max(1, min(cores, ho // 4)))
     consts: list[np.ndarray] = []
     params = [f"X: T.Buffer(({n}, {h}, {w}, {c}), 'float32')"]
     fill: str
@@ -274,7 +278,7 @@ def kernel_source(block: InvertedResidual, unit: VectorUnit) -> tuple[str, list[
     act2 = _act(f"acc2[q, v] + B2[mt * {cd} + v]", block.depthwise.low, block.depthwise.high)
     act3 = _act(f"acc3[q, v] + B3[ot * {cp} + v]", block.project.low, block.project.high)
     if block.residual:
-        act3 = f"{act3} + X[b, ho, wt * {pp} + q, ot * {cp} + v]"
+        act3 = f"{act3} + X[b, o, wt * {pp} + q, ot * {cp} + v]"
     reads = ", ".join(f"{name}[{', '.join(f'0:{d}' for d in shape)}]"
                       for name, shape in zip(["X", "W1", "B1"] if block.expand is not None else ["X"],
                                              [block.shape, *[a.shape for a in consts[:2]]]))
@@ -288,14 +292,16 @@ def main({", ".join(params)}):
         with T.sblock("inverted_residual"):
             T.reads({reads})
             T.writes(Y[0:{n}, 0:{ho}, 0:{wo}, 0:{co}])
-            E = T.decl_buffer(({k}, {wp}, {m}), "float32")
-            D = T.decl_buffer(({wo}, {m}), "float32")
-            for b in range({n}):
+            for bb in T.parallel({n * bands}):
+                b = bb // {bands}
+                E = T.decl_buffer(({k}, {wp}, {m}), "float32")
+                D = T.decl_buffer(({wo}, {m}), "float32")
                 for r0, j, v in T.grid({k}, {wp}, {m}):
                     E[r0, j, v] = T.float32(0)
-                for ho in range({ho}):
-                    lo = T.if_then_else(ho == 0, 0, T.min({h}, (ho - 1) * {s} + {k - p}))
-                    hi = T.min({h}, ho * {s} + {k - p})
+                for i in range({ho // bands}):
+                    o = bb % {bands} * {ho // bands} + i
+                    lo = T.if_then_else(i == 0, T.max(0, o * {s} - {p}), T.min({h}, (o - 1) * {s} + {k - p}))
+                    hi = T.min({h}, o * {s} + {k - p})
                     for r in range(lo, hi):{fill}
                     for wt, mt in T.grid({wo // pd}, {m // cd}):
                         acc2 = T.decl_buffer(({pd}, {cd}), "float32", scope="local")
@@ -303,11 +309,11 @@ def main({", ".join(params)}):
                             for v in T.vectorized({cd}):
                                 acc2[q, v] = T.float32(0)
                         for ry in range({k}):
-                            if ho * {s} - {p} + ry >= 0 and ho * {s} - {p} + ry < {h}:
+                            if o * {s} - {p} + ry >= 0 and o * {s} - {p} + ry < {h}:
                                 for rx in range({k}):
                                     for q in T.unroll({pd}):
                                         for v in T.vectorized({cd}):
-                                            acc2[q, v] = acc2[q, v] + E[(ho * {s} - {p} + ry) % {k}, (wt * {pd} + q) * {s} + rx, mt * {cd} + v] * W2[mt, ry, rx, v]
+                                            acc2[q, v] = acc2[q, v] + E[(o * {s} - {p} + ry) % {k}, (wt * {pd} + q) * {s} + rx, mt * {cd} + v] * W2[mt, ry, rx, v]
                         for q in T.unroll({pd}):
                             for v in T.vectorized({cd}):
                                 D[wt * {pd} + q, mt * {cd} + v] = {act2}
@@ -322,16 +328,16 @@ def main({", ".join(params)}):
                                     acc3[q, v] = acc3[q, v] + D[wt * {pp} + q, kk] * W3[ot, kk, v]
                         for q in T.unroll({pp}):
                             for v in T.vectorized({cp}):
-                                Y[b, ho, wt * {pp} + q, ot * {cp} + v] = {act3}
+                                Y[b, o, wt * {pp} + q, ot * {cp} + v] = {act3}
 """
     return source, [np.ascontiguousarray(a, dtype=np.float32) for a in consts]
 
 
-def kernel(block: InvertedResidual, unit: VectorUnit) -> tuple[Any, list[np.ndarray]]:
+def kernel(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> tuple[Any, list[np.ndarray]]:
     """The fused kernel as a PrimFunc, and its constant arguments."""
     from tvm.script import from_source
 
-    source, consts = kernel_source(block, unit)
+    source, consts = kernel_source(block, unit, cores)
     return from_source(source), consts
 
 
@@ -342,6 +348,7 @@ def fuse_inverted_residuals(target: Any) -> Any:
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     unit = VectorUnit.of(target)
+    cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else 1
 
     @mutator
     class _Rewriter(PyExprMutator):  # type: ignore[misc]
@@ -354,7 +361,7 @@ def fuse_inverted_residuals(target: Any) -> Any:
             if block is None:
                 super().visit_var_binding_(binding)
                 return
-            func, consts = kernel(block, unit)
+            func, consts = kernel(block, unit, cores)
             gv = self.builder_.add_func(func, "fused_inverted_residual")
             args = [self.visit_expr(block.x)] + [relax.const(c) for c in consts]
             call = relax.call_tir(gv, relax.Tuple(args), relax.TensorType(list(block.out_shape), "float32"))
