@@ -3,6 +3,8 @@ with outputs equal to torch and to the one-kernel-per-layer build."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -94,21 +96,41 @@ def test_hand_written_block_is_fused_and_matches_torch(case: str) -> None:
     assert _rel_err(got, tvm_backend.run(per_layer, (x,))[0]) <= RTOL
 
 
-def test_kernel_streams_rows_through_a_ring_of_kernel_rows() -> None:
-    """One kernel per block: the expanded rows live in a K-row ring, the depthwise output in one row; the
-    weights are relaid in tile order with BatchNorm's scale folded in."""
+def _workspace(source: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    ring = re.search(r"E = T.decl_buffer\(\(([\d, ]+)\)", source)
+    rows = re.search(r"D = T.decl_buffer\(\(([\d, ]+)\)", source)
+    assert ring and rows
+    return tuple(int(d) for d in ring.group(1).split(", ")), tuple(int(d) for d in rows.group(1).split(", "))
+
+
+@pytest.mark.parametrize(("size", "stride", "step"), [(112, 1, 4), (112, 2, 4), (28, 1, 14), (7, 1, 7)])
+def test_kernel_streams_rows_through_a_ring(size: int, stride: int, step: int) -> None:
+    """One kernel per block: each step's output rows need a ring of (rows - 1) x stride + K expanded rows and
+    the step's depthwise rows; a step takes as many rows as fit the workspace (large maps stream a few rows at a
+    time; a 7x7 map is one step, so its weights are read once)."""
+    model = _randomise_bn(Block(16, 16, expand=6, kernel=3, stride=stride, bias=False, act=nn.ReLU6,
+                                residual=stride == 1))
+    (b,) = _matched(model, torch.randn(1, 16, size, size))
+    source, _ = block_fusion.kernel_source(b, schedules.VectorUnit.of(X86))
+    (ring, width, hidden), (rows, out_width, hidden_d) = _workspace(source)
+    out = (size - 1) // stride + 1
+    assert (hidden, hidden_d, out_width) == (96, 96, out) and width >= size + 1
+    assert rows == step and ring == (rows - 1) * stride + 3
+    assert 4 * hidden * (ring * width + rows * out_width) <= block_fusion.WORKSPACE_BYTES
+    assert "T.parallel(1)" in source  # one core: one band of rows
+    assert source.count("T.vectorized(") >= 6
+
+
+def test_kernel_bands_and_folds_batchnorm_into_relaid_weights() -> None:
+    """With more cores the rows are cut into parallel bands with a ring each; BatchNorm's scale is folded into
+    the expand weights, relaid as [hidden tiles, in, tile]."""
     torch.manual_seed(0)
     model = _randomise_bn(Block(16, 16, expand=6, kernel=3, stride=1, bias=False, act=nn.ReLU6, residual=True))
-    x = torch.randn(1, 16, 28, 28)
-    (b,) = _matched(model, x)
+    (b,) = _matched(model, torch.randn(1, 16, 28, 28))
     unit = schedules.VectorUnit.of(X86)
-    source, consts = block_fusion.kernel_source(b, unit)
-    assert "E = T.decl_buffer((3, 30, 96)" in source  # 3 rows of the padded, expanded map
-    assert "D = T.decl_buffer((28, 96)" in source  # one depthwise output row
-    assert source.count("T.vectorized(") >= 6
-    assert "T.parallel(1)" in source  # one core: one band of rows
-    banded, _ = block_fusion.kernel_source(b, unit, cores=4)
-    assert "T.parallel(4)" in banded and "for i in range(7)" in banded  # 4 bands of 7 rows, a ring each
+    banded, consts = block_fusion.kernel_source(b, unit, cores=4)
+    assert "T.parallel(4)" in banded  # 4 bands of 7 rows
+    assert _workspace(banded)[1][0] == 7
     w1 = consts[0]  # [hidden tiles, in, tile]
     bn = model.body[1]
     scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()

@@ -26,6 +26,9 @@ from ._common import logger
 from .schedules import VectorUnit, choose_tile
 
 _AFFINE = ("relax.multiply", "relax.add")
+#: The ring of expanded rows and the depthwise output rows of one step stay within this many bytes (a typical
+#: per-core L2).
+WORKSPACE_BYTES = 512 * 1024
 _CLIP = ("relax.maximum", "relax.minimum")
 
 
@@ -230,8 +233,11 @@ def _act(value: str, low: float | None, high: float | None) -> str:
 def kernel_source(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> tuple[str, list[np.ndarray]]:
     """TVMScript of the fused kernel and its constant arguments (weights relaid in tile order, shifts).
 
-    With ``cores`` > 1 the output rows are cut into up to that many bands of at least 4 rows, run in parallel,
-    each with its own ring (a band recomputes the K - stride expanded rows it shares with the one before)."""
+    Each step produces ``R`` output rows: the largest count whose ring and depthwise rows fit in
+    :data:`WORKSPACE_BYTES`, so blocks whose weights outweigh their feature maps (late, narrow maps) read their
+    weights once per step, not once per row. With ``cores`` > 1 the output rows are cut into up to that many
+    bands of at least 4 rows, run in parallel, each with its own ring (a band recomputes the K - stride
+    expanded rows it shares with the one before)."""
     n, h, w, c = block.shape
     _, ho, wo, co = block.out_shape
     k, s, (p, pl) = block.kernel, block.stride, block.padding
@@ -240,6 +246,10 @@ def kernel_source(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> 
     pd, cd = choose_tile(m, wo, unit)
     pp, cp = choose_tile(co, wo, unit)
     bands = max(d for d in range(1, ho + 1) if ho % d == 0 and d <= max(1, min(cores, ho // 4)))
+    band_rows = ho // bands
+    step = max([d for d in range(1, band_rows + 1) if band_rows % d == 0
+                and 4 * m * (((d - 1) * s + k) * wp + d * wo) <= WORKSPACE_BYTES] or [1])
+    ring = (step - 1) * s + k
     consts: list[np.ndarray] = []
     params = [f"X: T.Buffer(({n}, {h}, {w}, {c}), 'float32')"]
     fill: str
@@ -250,40 +260,38 @@ def kernel_source(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> 
         params += [f"W1: T.Buffer(({m // ce}, {c}, {ce}), 'float32')", f"B1: T.Buffer(({m},), 'float32')"]
         act1 = _act(f"acc1[q, v] + B1[mt * {ce} + v]", block.expand.low, block.expand.high)
         fill = f"""
-                for wt, mt in T.grid({w // pe}, {m // ce}):
-                    acc1 = T.decl_buffer(({pe}, {ce}), "float32", scope="local")
-                    for q in T.unroll({pe}):
-                        for v in T.vectorized({ce}):
-                            acc1[q, v] = T.float32(0)
-                    for kk in range({c}):
+                    for mt, r, wt in T.grid({m // ce}, hi - lo, {w // pe}):
+                        acc1 = T.decl_buffer(({pe}, {ce}), "float32", scope="local")
                         for q in T.unroll({pe}):
                             for v in T.vectorized({ce}):
-                                acc1[q, v] = acc1[q, v] + X[b, r, wt * {pe} + q, kk] * W1[mt, kk, v]
-                    for q in T.unroll({pe}):
-                        for v in T.vectorized({ce}):
-                            E[r % {k}, {pl} + wt * {pe} + q, mt * {ce} + v] = {act1}"""
+                                acc1[q, v] = T.float32(0)
+                        for kk in range({c}):
+                            for q in T.unroll({pe}):
+                                for v in T.vectorized({ce}):
+                                    acc1[q, v] = acc1[q, v] + X[b, lo + r, wt * {pe} + q, kk] * W1[mt, kk, v]
+                        for q in T.unroll({pe}):
+                            for v in T.vectorized({ce}):
+                                E[(lo + r) % {ring}, {pl} + wt * {pe} + q, mt * {ce} + v] = {act1}"""
     else:
         piece = max(d for d in (16, 8, 4, 2, 1) if m % d == 0 and d <= unit.lanes)
         fill = f"""
-                for j, mt in T.grid({w}, {m // piece}):
-                    for v in T.vectorized({piece}):
-                        E[r % {k}, {pl} + j, mt * {piece} + v] = X[b, r, j, mt * {piece} + v]"""
-    fill = fill.replace("\n", "\n        ")
+                    for r, j, mt in T.grid(hi - lo, {w}, {m // piece}):
+                        for v in T.vectorized({piece}):
+                            E[(lo + r) % {ring}, {pl} + j, mt * {piece} + v] = X[b, lo + r, j, mt * {piece} + v]"""
     w2 = block.depthwise.weight.reshape(k, k, m // cd, cd).transpose(2, 0, 1, 3)
     w3 = block.project.weight.reshape(m, co // cp, cp).transpose(1, 0, 2)
     consts += [w2, block.depthwise.shift, w3, block.project.shift]
+    consts = [np.ascontiguousarray(a, dtype=np.float32) for a in consts]
     params += [f"W2: T.Buffer(({m // cd}, {k}, {k}, {cd}), 'float32')", f"B2: T.Buffer(({m},), 'float32')",
                f"W3: T.Buffer(({co // cp}, {m}, {cp}), 'float32')", f"B3: T.Buffer(({co},), 'float32')",
                f"Y: T.Buffer(({n}, {ho}, {wo}, {co}), 'float32')"]
     act2 = _act(f"acc2[q, v] + B2[mt * {cd} + v]", block.depthwise.low, block.depthwise.high)
     act3 = _act(f"acc3[q, v] + B3[ot * {cp} + v]", block.project.low, block.project.high)
     if block.residual:
-        act3 = f"{act3} + X[b, o, wt * {pp} + q, ot * {cp} + v]"
+        act3 = f"{act3} + X[b, o + ro, wt * {pp} + q, ot * {cp} + v]"
+    names = ["X", "W1", "B1", "W2", "B2", "W3", "B3"] if block.expand is not None else ["X", "W2", "B2", "W3", "B3"]
     reads = ", ".join(f"{name}[{', '.join(f'0:{d}' for d in shape)}]"
-                      for name, shape in zip(["X", "W1", "B1"] if block.expand is not None else ["X"],
-                                             [block.shape, *[a.shape for a in consts[:2]]]))
-    reads += ", " + ", ".join(f"{name}[{', '.join(f'0:{d}' for d in a.shape)}]"
-                              for name, a in zip(["W2", "B2", "W3", "B3"], consts[-4:]))
+                      for name, shape in zip(names, [block.shape, *[a.shape for a in consts]]))
     source = f"""
 @T.prim_func(private=True, s_tir=True)
 def main({", ".join(params)}):
@@ -294,30 +302,29 @@ def main({", ".join(params)}):
             T.writes(Y[0:{n}, 0:{ho}, 0:{wo}, 0:{co}])
             for bb in T.parallel({n * bands}):
                 b = bb // {bands}
-                E = T.decl_buffer(({k}, {wp}, {m}), "float32")
-                D = T.decl_buffer(({wo}, {m}), "float32")
-                for r0, j, v in T.grid({k}, {wp}, {m}):
+                E = T.decl_buffer(({ring}, {wp}, {m}), "float32")
+                D = T.decl_buffer(({step}, {wo}, {m}), "float32")
+                for r0, j, v in T.grid({ring}, {wp}, {m}):
                     E[r0, j, v] = T.float32(0)
-                for i in range({ho // bands}):
-                    o = bb % {bands} * {ho // bands} + i
+                for i in range({band_rows // step}):
+                    o = bb % {bands} * {band_rows} + i * {step}
                     lo = T.if_then_else(i == 0, T.max(0, o * {s} - {p}), T.min({h}, (o - 1) * {s} + {k - p}))
-                    hi = T.min({h}, o * {s} + {k - p})
-                    for r in range(lo, hi):{fill}
-                    for wt, mt in T.grid({wo // pd}, {m // cd}):
+                    hi = T.min({h}, (o + {step - 1}) * {s} + {k - p}){fill}
+                    for ro, wt, mt in T.grid({step}, {wo // pd}, {m // cd}):
                         acc2 = T.decl_buffer(({pd}, {cd}), "float32", scope="local")
                         for q in T.unroll({pd}):
                             for v in T.vectorized({cd}):
                                 acc2[q, v] = T.float32(0)
                         for ry in range({k}):
-                            if o * {s} - {p} + ry >= 0 and o * {s} - {p} + ry < {h}:
+                            if (o + ro) * {s} - {p} + ry >= 0 and (o + ro) * {s} - {p} + ry < {h}:
                                 for rx in range({k}):
                                     for q in T.unroll({pd}):
                                         for v in T.vectorized({cd}):
-                                            acc2[q, v] = acc2[q, v] + E[(o * {s} - {p} + ry) % {k}, (wt * {pd} + q) * {s} + rx, mt * {cd} + v] * W2[mt, ry, rx, v]
+                                            acc2[q, v] = acc2[q, v] + E[((o + ro) * {s} - {p} + ry) % {ring}, (wt * {pd} + q) * {s} + rx, mt * {cd} + v] * W2[mt, ry, rx, v]
                         for q in T.unroll({pd}):
                             for v in T.vectorized({cd}):
-                                D[wt * {pd} + q, mt * {cd} + v] = {act2}
-                    for wt, ot in T.grid({wo // pp}, {co // cp}):
+                                D[ro, wt * {pd} + q, mt * {cd} + v] = {act2}
+                    for ot, ro, wt in T.grid({co // cp}, {step}, {wo // pp}):
                         acc3 = T.decl_buffer(({pp}, {cp}), "float32", scope="local")
                         for q in T.unroll({pp}):
                             for v in T.vectorized({cp}):
@@ -325,12 +332,12 @@ def main({", ".join(params)}):
                         for kk in range({m}):
                             for q in T.unroll({pp}):
                                 for v in T.vectorized({cp}):
-                                    acc3[q, v] = acc3[q, v] + D[wt * {pp} + q, kk] * W3[ot, kk, v]
+                                    acc3[q, v] = acc3[q, v] + D[ro, wt * {pp} + q, kk] * W3[ot, kk, v]
                         for q in T.unroll({pp}):
                             for v in T.vectorized({cp}):
-                                Y[b, o, wt * {pp} + q, ot * {cp} + v] = {act3}
+                                Y[b, o + ro, wt * {pp} + q, ot * {cp} + v] = {act3}
 """
-    return source, [np.ascontiguousarray(a, dtype=np.float32) for a in consts]
+    return source, consts
 
 
 def kernel(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> tuple[Any, list[np.ndarray]]:
