@@ -244,7 +244,8 @@ def kernel_source(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> 
     m = block.depthwise.weight.shape[-1]
     wp = max(w + pl, (wo - 1) * s + k)  # padded columns: left padding, the row, then right padding
     pd, cd = choose_tile(m, wo, unit)
-    pp, cp = choose_tile(co, wo, unit)
+    tail = co % unit.lanes if co > unit.lanes else 0  # channels past the last whole vector: a narrower tile
+    pp, cp = choose_tile(co - tail, wo, unit)
     bands = max(d for d in range(1, ho + 1) if ho % d == 0 and d <= max(1, min(cores, ho // 4)))
     band_rows = ho // bands
     step = max([d for d in range(1, band_rows + 1) if band_rows % d == 0
@@ -279,19 +280,22 @@ def kernel_source(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> 
                         for v in T.vectorized({piece}):
                             E[(lo + r) % {ring}, {pl} + j, mt * {piece} + v] = X[b, lo + r, j, mt * {piece} + v]"""
     w2 = block.depthwise.weight.reshape(k, k, m // cd, cd).transpose(2, 0, 1, 3)
-    w3 = block.project.weight.reshape(m, co // cp, cp).transpose(1, 0, 2)
+    w3 = block.project.weight[:, :co - tail].reshape(m, (co - tail) // cp, cp).transpose(1, 0, 2)
     consts += [w2, block.depthwise.shift, w3, block.project.shift]
     consts = [np.ascontiguousarray(a, dtype=np.float32) for a in consts]
     params += [f"W2: T.Buffer(({m // cd}, {k}, {k}, {cd}), 'float32')", f"B2: T.Buffer(({m},), 'float32')",
-               f"W3: T.Buffer(({co // cp}, {m}, {cp}), 'float32')", f"B3: T.Buffer(({co},), 'float32')",
-               f"Y: T.Buffer(({n}, {ho}, {wo}, {co}), 'float32')"]
+               f"W3: T.Buffer(({(co - tail) // cp}, {m}, {cp}), 'float32')", f"B3: T.Buffer(({co},), 'float32')"]
+    if tail:
+        consts.append(np.ascontiguousarray(block.project.weight[:, co - tail:], dtype=np.float32))
+        params.append(f"W3t: T.Buffer(({m}, {tail}), 'float32')")
+    params.append(f"Y: T.Buffer(({n}, {ho}, {wo}, {co}), 'float32')")
     act2 = _act(f"acc2[q, v] + B2[mt * {cd} + v]", block.depthwise.low, block.depthwise.high)
-    act3 = _act(f"acc3[q, v] + B3[ot * {cp} + v]", block.project.low, block.project.high)
-    if block.residual:
-        act3 = f"{act3} + X[b, o + ro, wt * {pp} + q, ot * {cp} + v]"
-    names = ["X", "W1", "B1", "W2", "B2", "W3", "B3"] if block.expand is not None else ["X", "W2", "B2", "W3", "B3"]
+    names = ["X", *(["W1", "B1"] if block.expand is not None else []), "W2", "B2", "W3", "B3", *(["W3t"] if tail else [])]
     reads = ", ".join(f"{name}[{', '.join(f'0:{d}' for d in shape)}]"
                       for name, shape in zip(names, [block.shape, *[a.shape for a in consts]]))
+    project = _project_loop(block, "W3", 0, co - tail, pp, cp, m, step, wo)
+    if tail:
+        project += _project_loop(block, "W3t", co - tail, tail, *choose_tile(tail, wo, unit), m, step, wo)
     source = f"""
 @T.prim_func(private=True, s_tir=True)
 def main({", ".join(params)}):
@@ -324,7 +328,21 @@ def main({", ".join(params)}):
                         for q in T.unroll({pd}):
                             for v in T.vectorized({cd}):
                                 D[ro, wt * {pd} + q, mt * {cd} + v] = {act2}
-                    for ot, ro, wt in T.grid({co // cp}, {step}, {wo // pp}):
+{project}"""
+    return source, consts
+
+
+def _project_loop(block: InvertedResidual, weight: str, first: int, count: int, pp: int, cp: int, m: int,
+                  step: int, wo: int) -> str:
+    """The projection of output channels ``[first, first + count)`` for one step's rows, in (pp x cp) tiles;
+    ``weight`` is ``[tiles, m, cp]`` (or ``[m, cp]`` for the one narrow tail tile)."""
+    w = f"{weight}[ot, kk, v]" if weight == "W3" else f"{weight}[kk, v]"
+    channel = f"{first} + ot * {cp} + v"
+    act = _act(f"acc3[q, v] + B3[{channel}]", block.project.low, block.project.high)
+    if block.residual:
+        act = f"{act} + X[b, o + ro, wt * {pp} + q, {channel}]"
+    return f"""
+                    for ot, ro, wt in T.grid({count // cp}, {step}, {wo // pp}):
                         acc3 = T.decl_buffer(({pp}, {cp}), "float32", scope="local")
                         for q in T.unroll({pp}):
                             for v in T.vectorized({cp}):
@@ -332,12 +350,10 @@ def main({", ".join(params)}):
                         for kk in range({m}):
                             for q in T.unroll({pp}):
                                 for v in T.vectorized({cp}):
-                                    acc3[q, v] = acc3[q, v] + D[ro, wt * {pp} + q, kk] * W3[ot, kk, v]
+                                    acc3[q, v] = acc3[q, v] + D[ro, wt * {pp} + q, kk] * {w}
                         for q in T.unroll({pp}):
                             for v in T.vectorized({cp}):
-                                Y[b, o + ro, wt * {pp} + q, ot * {cp} + v] = {act3}
-"""
-    return source, consts
+                                Y[b, o + ro, wt * {pp} + q, {channel}] = {act}"""
 
 
 def kernel(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> tuple[Any, list[np.ndarray]]:
