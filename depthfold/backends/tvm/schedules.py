@@ -25,12 +25,6 @@ from ._common import logger
 CHANNELS_LAST = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
-#: Reductions with at most this many terms per output (depthwise windows) are memory-bound: their producers
-#: (the padded input) are computed per output tile, in cache, rather than as one copy of the whole map. A dense
-#: conv amortises its copy over all input channels and keeps the one copy (per-tile copies repeat the halo).
-SHORT_REDUCTION = 64
-
-
 @dataclass(frozen=True)
 class VectorUnit:
     """What the tiles are sized from: float32 lanes per vector register, the register count, and how many
@@ -243,13 +237,11 @@ def register_tiled(unit: VectorUnit) -> Any:
                 init = sch.decompose_reduction(main, reduce[0])
                 self._vector_tile(sch, sch.get_loops(init)[1:])
             self._prepack_weights(sch, func, main, stmt, spatial_vars, channel_tile)
-            terms = 1
-            for e in extents[len(spatial_vars):]:
-                terms *= e or 1
+            per_tile = self._per_channel_input(stmt, spatial_vars)
             for b in before:
                 if _is_reduction(sch, b):
                     continue
-                if terms <= SHORT_REDUCTION:  # a padded copy per tile, in cache, instead of one of the whole map
+                if per_tile:  # a padded copy per tile, in cache, instead of one of the whole map
                     sch.compute_at(b, tile)
                     _vectorize_elementwise(sch, b, unit, under=1)
                 else:
@@ -281,6 +273,20 @@ def register_tiled(unit: VectorUnit) -> Any:
                 sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
                 sch.transform_layout(main, ("read", index),
                                      lambda *i: (i[-1] // channel_tile, *i[:-1], i[-1] % channel_tile))
+
+        @staticmethod
+        def _per_channel_input(stmt: Any, spatial_vars: Sequence[Any]) -> bool:
+            """Whether the kernel reads its input at the output's own channel (a depthwise conv, a pool): no
+            reduction over input channels amortises a copy of the padded input, so the kernel is memory-bound
+            and its producers are computed per output tile, in cache."""
+            channel, pixels = spatial_vars[-1], set(spatial_vars[:-1])
+            out = stmt.writes[0].source
+            for read in stmt.reads:
+                if read.source.same_as(out) or not _vars_in(read.region) & pixels:
+                    continue
+                if channel in _vars_in(read.region[-1:]):
+                    return True
+            return False
 
         @staticmethod
         def _vector_tile(sch: Any, loops: Sequence[Any]) -> None:
