@@ -361,7 +361,9 @@ def _tuned(mod: Any, target: Any, target_json: dict[str, Any], trials: int, *,
     work = tuning_dir(target_json)
     with target:
         fused = tvm.transform.Sequential(fusion_passes(target, block_fusion=block_fusion))(mod)
-    tasks = ms.relax_integration.extract_tasks(fused, target)
+    # kernels written already scheduled (block fusion) have no search space: MetaSchedule gives them no trial
+    tasks = [t for t in ms.relax_integration.extract_tasks(fused, target)
+             if not any(f.attrs and "tirx.is_scheduled" in f.attrs for f in t.dispatched[0].functions.values())]
     database = ms.database.JSONDatabase(work_dir=str(work))
 
     def measured(task: Any) -> bool:
