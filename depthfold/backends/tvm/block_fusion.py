@@ -3,12 +3,12 @@
 "On the Efficiency of Convolutional Neural Networks" (Lavin, 2024) implements "all the layers of a residual
 block in a single kernel, creating temporal locality, avoiding communication, and reducing workspace size".
 Unfused, MobileNetV2's blocks write the expanded feature map (6x the block's width) to memory twice and read
-it back twice; here it never leaves the cache. The kernel walks the output rows once: the expand stage fills a
-ring buffer of K padded input rows (each row computed exactly once), the depthwise stage turns the ring into
-one output row, and the projection reduces that row straight into the output (with the residual add). Every
-stage is register-tiled like :mod:`.schedules` (pixels x channel vectors accumulated over the reduction); the
-epilogues (bias, BatchNorm, ReLU/ReLU6) are folded into the stage's write-back, BatchNorm's scale into the
-weights. Weights are relaid at compile time in the tile order.
+it back twice; here it never leaves the cache. The kernel walks the output rows once, a few rows per step: the
+expand stage fills a ring buffer of padded input rows (each row expanded exactly once), the depthwise stage
+turns the ring into the step's output rows, and the projection reduces those straight into the output (with the
+residual add). Every stage is register-tiled like :mod:`.schedules` (pixels x channel vectors accumulated over
+the reduction); the epilogues (bias, BatchNorm, ReLU/ReLU6) are folded into the stage's write-back, BatchNorm's
+scale into the weights. Weights are relaid at compile time in the tile order.
 
 The rewrite runs on channels-last Relax (after :func:`.schedules.channels_last_passes`) and matches by
 structure, not by model: any NHWC chain conv1x1 -> affine/clip -> depthwise conv -> affine/clip -> conv1x1 ->
@@ -26,10 +26,10 @@ from ._common import logger
 from .schedules import VectorUnit, choose_tile
 
 _AFFINE = ("relax.multiply", "relax.add")
+_CLIP = ("relax.maximum", "relax.minimum")
 #: The ring of expanded rows and the depthwise output rows of one step stay within this many bytes (a typical
 #: per-core L2).
 WORKSPACE_BYTES = 512 * 1024
-_CLIP = ("relax.maximum", "relax.minimum")
 
 
 @dataclass
@@ -73,7 +73,8 @@ def _op(call: Any) -> str:
 
 
 class _Graph:
-    """The bindings of a Relax function's dataflow blocks: var -> value, and how often each var is read."""
+    """The bindings of a Relax function's dataflow blocks: var -> value, how often each var is read, and by
+    which bindings."""
 
     def __init__(self, func: Any) -> None:
         from tvm import relax
@@ -81,10 +82,15 @@ class _Graph:
 
         self.value: dict[Any, Any] = {}
         self.uses: dict[Any, int] = {}
+        self.readers: dict[Any, list[tuple[Any, Any]]] = {}
         for block in func.body.blocks:
             for b in block.bindings:
                 if isinstance(b, relax.VarBinding):
                     self.value[b.var] = b.value
+                    if isinstance(b.value, relax.Call):
+                        for a in b.value.args:
+                            if isinstance(a, relax.Var):
+                                self.readers.setdefault(a, []).append((b.var, b.value))
 
         def count(e: Any) -> None:
             if isinstance(e, relax.Var):
@@ -103,9 +109,11 @@ def _conv(call: Any) -> dict[str, Any] | None:
     if _op(call) != "relax.nn.conv2d":
         return None
     a = call.attrs
-    weight = _const(call.args[1])
-    if weight is None or a.data_layout != "NHWC" or a.kernel_layout != "HWIO" or a.out_layout != "NHWC" \
+    if a.data_layout != "NHWC" or a.kernel_layout != "HWIO" or a.out_layout != "NHWC" \
             or any(int(d) != 1 for d in a.dilation) or str(call.ty.dtype) != "float32":
+        return None
+    weight = _const(call.args[1])
+    if weight is None:
         return None
     pad = [int(p) for p in a.padding]
     strides = [int(s) for s in a.strides]
@@ -151,13 +159,9 @@ def _epilogue(graph: _Graph, var: Any, channels: int) -> tuple[Any, np.ndarray, 
 
 
 def _user(graph: _Graph, var: Any) -> tuple[Any, Any] | None:
-    """The one binding that reads ``var`` (``var`` must be single-use)."""
-    from tvm import relax
-
-    for out, value in graph.value.items():
-        if isinstance(value, relax.Call) and any(a.same_as(var) for a in value.args):
-            return out, value
-    return None
+    """The one binding that reads ``var`` as a call argument (``var`` must be single-use)."""
+    readers = graph.readers.get(var, [])
+    return readers[0] if len(readers) == 1 else None
 
 
 def _producer_of(graph: _Graph, var: Any) -> tuple[Any, list[Any]]:
@@ -197,13 +201,13 @@ def match(func: Any) -> list[InvertedResidual]:
                 expand = _Stage(w, shift, low, high)
                 x = graph.value[start].args[0]
         end, scale, shift, low, high = _epilogue(graph, dw_var, hidden)
-        project_call = graph.value.get(_user(graph, end)[0]) if graph.single(end) and _user(graph, end) else None
-        proj = _conv(project_call) if project_call is not None else None
-        if proj is None or proj["groups"] != 1 or proj["weight"].shape[:2] != (1, 1) or proj["stride"] != 1 \
-                or any(proj["padding"]) or not project_call.args[0].same_as(end):
+        user = _user(graph, end) if graph.single(end) else None
+        proj = _conv(user[1]) if user is not None else None
+        if user is None or proj is None or proj["groups"] != 1 or proj["weight"].shape[:2] != (1, 1) \
+                or proj["stride"] != 1 or any(proj["padding"]) or not user[1].args[0].same_as(end):
             continue
         depthwise = _Stage(dw["weight"][:, :, 0, :] * scale, shift, low, high)
-        proj_var = _user(graph, end)[0]
+        proj_var = user[0]
         out_ch = proj["out"][3]
         last, pscale, pshift, plow, phigh = _epilogue(graph, proj_var, out_ch)
         project = _Stage(proj["weight"][0, 0] * pscale, pshift, plow, phigh)
