@@ -136,3 +136,23 @@ def test_default_and_stock_schedules_agree_and_artifact_reports_efficiency(tmp_p
     assert eff["gflop"] * 1e9 == pytest.approx(flops, rel=0.01)
     assert eff["gflops"] > 0 and eff["peak_gflops"] > 0
     assert eff["fraction_of_peak"] == pytest.approx(eff["gflops"] / eff["peak_gflops"])
+
+
+def test_small_maps_with_large_weights_reduce_in_l1_sized_blocks() -> None:
+    """Where the weights outweigh the activations (7x7 maps, 512 channels), the reduction over input channels
+    is cut into blocks whose weights for one channel tile fit L1, each applied to every pixel; large maps and
+    short reductions keep the plain register tile. Outputs still equal torch's."""
+    rule = schedules.register_tiled(AVX512)
+    block = rule._weight_block([1, 7, 7, 512, 3, 3, 512], 4, 32)
+    assert block is not None and 512 % block == 0 and 4 * 9 * block * 32 <= schedules.L1_WEIGHT_BYTES
+    assert rule._weight_block([1, 56, 56, 64, 3, 3, 64], 4, 32) is None  # accumulators for 3136 pixels: too many
+    assert rule._weight_block([1, 7, 7, 64, 3, 3, 3], 4, 32) is None  # the whole reduction fits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.BatchNorm2d(256), nn.ReLU(),
+                          nn.Conv2d(256, 128, 1)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 256, 7, 7)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert _rel_err(tvm_backend.run(tvm_backend.build(model, (x,), "x86"), (x,))[0], ref) <= RTOL

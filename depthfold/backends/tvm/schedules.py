@@ -25,6 +25,13 @@ from ._common import logger
 CHANNELS_LAST = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
+#: Convs whose weights outweigh their activations (late, small maps) reduce in blocks of input channels whose
+#: weights for one channel tile fit this many bytes (an L1 data cache), each block applied to every pixel
+#: before the next; only while the channel tile's accumulators for all pixels fit ACCUMULATOR_BYTES.
+L1_WEIGHT_BYTES = 32 * 1024
+ACCUMULATOR_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True)
 class VectorUnit:
     """What the tiles are sized from: float32 lanes per vector register, the register count, and how many
@@ -221,21 +228,32 @@ def register_tiled(unit: VectorUnit) -> Any:
             if len(spatial) >= 2:
                 p_outer, p_inner = sch.split(spatial[-2], [None, pixel_tile])
                 outer.append(p_outer)
-            order = [c_outer, *outer] if self._weights_dominate(sch, stmt, spatial_vars[:-1]) else [*outer, c_outer]
-            sch.reorder(*order, *reduce, *([p_inner] if p_inner is not None else []), c_inner)
-            tile = sch.fuse(*order) if len(order) > 1 else order[0]
+            dominate = self._weights_dominate(sch, stmt, spatial_vars[:-1])
+            order = [c_outer, *outer] if dominate else [*outer, c_outer]
+            inner = [p_inner] if p_inner is not None else []
+            block = self._weight_block(extents, len(spatial_vars), channel_tile) if dominate else None
+            if block is not None:
+                # K-blocked: per channel tile, a block of the reduction whose weights stay in L1 is applied to
+                # every pixel before the next block; the tile's accumulators for all pixels live in cache
+                k_outer, k_inner = sch.split(reduce[-1], [None, block])
+                sch.reorder(c_outer, k_outer, *outer, *reduce[:-1], k_inner, *inner, c_inner)
+                reduce = [k_outer, *reduce[:-1], k_inner]
+                tile = c_outer
+            else:
+                sch.reorder(*order, *reduce, *inner, c_inner)
+                tile = sch.fuse(*order) if len(order) > 1 else order[0]
             write_back = after[-1] if after else sch.cache_write(main, 0, "global")
             sch.reverse_compute_at(write_back, tile)
             sch.set_scope(main, 0, "local")
             sch.vectorize(c_inner)
             if p_inner is not None and pixel_tile > 1:
                 sch.unroll(p_inner)
-            self._vector_tile(sch, sch.get_loops(write_back)[1:])
+            self._vector_tile(sch, sch.get_loops(write_back)[1:], unroll=block is None)
             if _int(sch.get(tile).extent) not in (None, 1):
                 sch.parallel(tile)
             if reduce:  # last: loop annotations need the block with its init
                 init = sch.decompose_reduction(main, reduce[0])
-                self._vector_tile(sch, sch.get_loops(init)[1:])
+                self._vector_tile(sch, sch.get_loops(init)[1:], unroll=block is None)
             self._prepack_weights(sch, func, main, stmt, spatial_vars, channel_tile)
             per_tile = self._per_channel_input(stmt, spatial_vars)
             for b in before:
@@ -289,11 +307,30 @@ def register_tiled(unit: VectorUnit) -> Any:
             return False
 
         @staticmethod
-        def _vector_tile(sch: Any, loops: Sequence[Any]) -> None:
+        def _weight_block(extents: Sequence[int | None], spatial: int, channel_tile: int) -> int | None:
+            """The reduction block (a divisor of the innermost reduction axis, the input channels) whose weights
+            for one channel tile fill at most :data:`L1_WEIGHT_BYTES`; None when the whole reduction fits
+            already or the tile's accumulators over all pixels would not stay in cache."""
+            reduce = [e or 1 for e in extents[spatial:]]
+            if not reduce or reduce[-1] < 2:
+                return None
+            window = 1
+            for e in reduce[:-1]:
+                window *= e
+            pixels = 1
+            for e in extents[:spatial - 1]:
+                pixels *= e or 1
+            if 4 * pixels * channel_tile > ACCUMULATOR_BYTES:
+                return None
+            fits = [d for d in _divisors(reduce[-1]) if 4 * window * d * channel_tile <= L1_WEIGHT_BYTES]
+            return max(fits) if fits and max(fits) < reduce[-1] else None
+
+        @staticmethod
+        def _vector_tile(sch: Any, loops: Sequence[Any], *, unroll: bool = True) -> None:
             inner = [lp for lp in loops if _int(sch.get(lp).extent) != 1]
             if inner:
                 sch.vectorize(inner[-1])
-                for lp in inner[:-1]:
+                for lp in inner[:-1] if unroll else []:
                     sch.unroll(lp)
 
         @staticmethod
