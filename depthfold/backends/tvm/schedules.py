@@ -440,7 +440,8 @@ def channels_last_passes() -> list[Any]:
 
 
 def _rewrite_calls(name: str, op_name: str, rewrite: Any) -> Any:
-    """A module pass replacing every Relax call to ``op_name`` by ``rewrite(call)`` (None: keep the call)."""
+    """A module pass replacing every Relax call to ``op_name`` by ``rewrite(call, lookup)`` (None: keep the call;
+    ``lookup(var)`` is the value bound to a var, for rewrites that look at a producer)."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -453,7 +454,7 @@ def _rewrite_calls(name: str, op_name: str, rewrite: Any) -> Any:
             call = super().visit_call_(call)
             if not call.op.same_as(op):
                 return call
-            new = rewrite(call)
+            new = rewrite(call, self.lookup_binding)
             return call if new is None else new
 
     @tvm.transform.module_pass(opt_level=0, name=name)
@@ -475,7 +476,7 @@ def _batch_norm_as_affine() -> Any:
     import tvm
     from tvm import relax
 
-    def rewrite(call: Any) -> Any:
+    def rewrite(call: Any, _lookup: Any) -> Any:
         x, gamma, beta, mean, var = call.args
         if not all(isinstance(a, tvm.ir.expr.Constant) for a in (gamma, beta, mean, var)):
             return None
@@ -504,7 +505,7 @@ def _clip_as_min_max() -> Any:
     of a channels-last MobileNet back to NCHW and forth again."""
     from tvm import relax
 
-    def rewrite(call: Any) -> Any:
+    def rewrite(call: Any, _lookup: Any) -> Any:
         x, low, high = call.args
         dtype = x.ty.dtype
         return relax.op.minimum(relax.op.maximum(x, relax.const(_scalar(low), dtype)),
@@ -519,38 +520,23 @@ def _pad_into_conv() -> Any:
     layout rule, so channels-last conversion wraps every one in two transposes."""
     import tvm
     from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    conv2d, pad = tvm.ir.Op.get("relax.nn.conv2d"), tvm.ir.Op.get("relax.nn.pad")
+    pad = tvm.ir.Op.get("relax.nn.pad")
 
-    @mutator
-    class _Folder(PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not call.op.same_as(conv2d) or not isinstance(call.args[0], relax.Var):
-                return call
-            producer = self.lookup_binding(call.args[0])
-            a = call.attrs
-            if not (isinstance(producer, relax.Call) and producer.op.same_as(pad) and a.data_layout == "NCHW"
-                    and str(producer.attrs.pad_mode) == "constant" and len(producer.args) == 1
-                    and float(producer.attrs.pad_value) == 0.0):
-                return call
-            width = [int(w) for w in producer.attrs.pad_width]
-            if len(width) != 8 or any(width[:4]):
-                return call
-            top, left, bottom, right = (int(p) for p in a.padding)
-            return relax.op.nn.conv2d(producer.args[0], call.args[1], strides=a.strides,
-                                      padding=[top + width[4], left + width[6], bottom + width[5], right + width[7]],
-                                      dilation=a.dilation, groups=a.groups, data_layout=a.data_layout,
-                                      kernel_layout=a.kernel_layout, out_layout=a.out_layout,
-                                      out_dtype=a.out_dtype)
+    def rewrite(call: Any, lookup: Any) -> Any:
+        producer = lookup(call.args[0]) if isinstance(call.args[0], relax.Var) else None
+        a = call.attrs
+        if not (isinstance(producer, relax.Call) and producer.op.same_as(pad) and a.data_layout == "NCHW"
+                and str(producer.attrs.pad_mode) == "constant" and len(producer.args) == 1
+                and float(producer.attrs.pad_value) == 0.0):
+            return None
+        width = [int(w) for w in producer.attrs.pad_width]
+        if len(width) != 8 or any(width[:4]):
+            return None
+        top, left, bottom, right = (int(p) for p in a.padding)
+        return relax.op.nn.conv2d(producer.args[0], call.args[1], strides=a.strides,
+                                  padding=[top + width[4], left + width[6], bottom + width[5], right + width[7]],
+                                  dilation=a.dilation, groups=a.groups, data_layout=a.data_layout,
+                                  kernel_layout=a.kernel_layout, out_layout=a.out_layout, out_dtype=a.out_dtype)
 
-    @tvm.transform.module_pass(opt_level=0, name="PadIntoConv")
-    def _pass(mod: Any, _ctx: Any) -> Any:
-        folder = _Folder(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                folder.builder_.update_func(gv, folder.visit_expr(func))
-        return folder.builder_.get()
-
-    return _pass
+    return _rewrite_calls("PadIntoConv", "relax.nn.conv2d", rewrite)
