@@ -14,6 +14,7 @@ aarch64 (NEON) share one code path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -144,10 +145,7 @@ def _vectorize_elementwise(sch: Any, block: Any, unit: VectorUnit, *, under: int
     if not outer or under:
         return
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    total = 1
-    for e in extents:
-        total *= e
-    if total >= 64 * unit.lanes and _int(sch.get(fused).extent) not in (None, 1):
+    if math.prod(extents) >= 64 * unit.lanes and _int(sch.get(fused).extent) not in (None, 1):
         sch.parallel(fused)
 
 
@@ -314,12 +312,8 @@ def register_tiled(unit: VectorUnit) -> Any:
             reduce = [e or 1 for e in extents[spatial:]]
             if not reduce or reduce[-1] < 2:
                 return None
-            window = 1
-            for e in reduce[:-1]:
-                window *= e
-            pixels = 1
-            for e in extents[:spatial - 1]:
-                pixels *= e or 1
+            window = math.prod(reduce[:-1])
+            pixels = math.prod(e or 1 for e in extents[:spatial - 1])
             if 4 * pixels * channel_tile > ACCUMULATOR_BYTES:
                 return None
             fits = [d for d in _divisors(reduce[-1]) if 4 * window * d * channel_tile <= L1_WEIGHT_BYTES]
