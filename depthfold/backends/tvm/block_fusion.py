@@ -17,15 +17,17 @@ affine [-> + block input] with constant weights and single-use intermediates (th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._common import logger
-from .schedules import VectorUnit, choose_tile
+from .schedules import VectorUnit, _vector_piece, choose_tile
 
 _AFFINE = ("relax.multiply", "relax.add")
+_STEP = " " * 20  # the indentation of statements inside one step of the kernel's row loop
 _CLIP = ("relax.maximum", "relax.minimum")
 #: The ring of expanded rows and the depthwise output rows of one step stay within this many bytes (a typical
 #: per-core L2).
@@ -105,21 +107,22 @@ class _Graph:
 
 
 def _conv(call: Any) -> dict[str, Any] | None:
-    """A channels-last float32 conv2d with a constant HWIO weight: its attributes, or None."""
+    """A channels-last float32 conv2d with a constant HWIO weight: its attributes and weight shape (the weight
+    itself is read with :func:`_const` only for a matched block), or None."""
+    import tvm
+
     if _op(call) != "relax.nn.conv2d":
         return None
     a = call.attrs
     if a.data_layout != "NHWC" or a.kernel_layout != "HWIO" or a.out_layout != "NHWC" \
-            or any(int(d) != 1 for d in a.dilation) or str(call.ty.dtype) != "float32":
-        return None
-    weight = _const(call.args[1])
-    if weight is None:
+            or any(int(d) != 1 for d in a.dilation) or str(call.ty.dtype) != "float32" \
+            or not isinstance(call.args[1], tvm.ir.expr.Constant):
         return None
     pad = [int(p) for p in a.padding]
     strides = [int(s) for s in a.strides]
     if strides[0] != strides[1]:
         return None
-    return {"weight": weight, "groups": int(a.groups), "padding": tuple(pad), "stride": strides[0],
+    return {"weight": call.args[1], "kernel": tuple(int(d) for d in call.args[1].ty.shape), "groups": int(a.groups), "padding": tuple(pad), "stride": strides[0],
             "shape": tuple(int(d) for d in call.args[0].ty.shape),
             "out": tuple(int(d) for d in call.ty.shape)}
 
@@ -183,34 +186,34 @@ def match(func: Any) -> list[InvertedResidual]:
     blocks = []
     for dw_var, call in graph.value.items():
         dw = _conv(call)
-        if dw is None or dw["groups"] == 1 or dw["groups"] != dw["shape"][3] or dw["weight"].shape[2] != 1 \
-                or dw["weight"].shape[0] != dw["weight"].shape[1]:
+        if dw is None or dw["groups"] == 1 or dw["groups"] != dw["shape"][3] or dw["kernel"][2] != 1 \
+                or dw["kernel"][0] != dw["kernel"][1]:
             continue
-        kernel, hidden = dw["weight"].shape[0], dw["shape"][3]
+        kernel, hidden = dw["kernel"][0], dw["shape"][3]
         if max(dw["padding"]) > kernel - 1 or dw["stride"] > kernel:
             continue
         expand = None
         x = call.args[0]
         start, chain = _producer_of(graph, x)
         pre = _conv(graph.value.get(start)) if start in graph.value else None
-        if pre is not None and pre["groups"] == 1 and pre["weight"].shape[:2] == (1, 1) and pre["stride"] == 1 \
+        if pre is not None and pre["groups"] == 1 and pre["kernel"][:2] == (1, 1) and pre["stride"] == 1 \
                 and not any(pre["padding"]) and graph.single(start) and all(graph.single(v) for v in chain):
             end, scale, shift, low, high = _epilogue(graph, start, hidden)
             if end.same_as(x):
-                w = pre["weight"][0, 0] * scale  # [C, M], BN scale folded
+                w = _const(pre["weight"])[0, 0] * scale  # [C, M], BN scale folded
                 expand = _Stage(w, shift, low, high)
                 x = graph.value[start].args[0]
         end, scale, shift, low, high = _epilogue(graph, dw_var, hidden)
         user = _user(graph, end) if graph.single(end) else None
         proj = _conv(user[1]) if user is not None else None
-        if user is None or proj is None or proj["groups"] != 1 or proj["weight"].shape[:2] != (1, 1) \
+        if user is None or proj is None or proj["groups"] != 1 or proj["kernel"][:2] != (1, 1) \
                 or proj["stride"] != 1 or any(proj["padding"]) or not user[1].args[0].same_as(end):
             continue
-        depthwise = _Stage(dw["weight"][:, :, 0, :] * scale, shift, low, high)
+        depthwise = _Stage(_const(dw["weight"])[:, :, 0, :] * scale, shift, low, high)
         proj_var = user[0]
         out_ch = proj["out"][3]
         last, pscale, pshift, plow, phigh = _epilogue(graph, proj_var, out_ch)
-        project = _Stage(proj["weight"][0, 0] * pscale, pshift, plow, phigh)
+        project = _Stage(_const(proj["weight"])[0, 0] * pscale, pshift, plow, phigh)
         residual = False
         if graph.single(last) and _user(graph, last) is not None:
             out, add = _user(graph, last)
@@ -264,21 +267,11 @@ def kernel_source(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> 
         consts += [w1, block.expand.shift]
         params += [f"W1: T.Buffer(({m // ce}, {c}, {ce}), 'float32')", f"B1: T.Buffer(({m},), 'float32')"]
         act1 = _act(f"acc1[q, v] + B1[mt * {ce} + v]", block.expand.low, block.expand.high)
-        fill = f"""
-                    for mt, r, wt in T.grid({m // ce}, hi - lo, {w // pe}):
-                        acc1 = T.decl_buffer(({pe}, {ce}), "float32", scope="local")
-                        for q in T.unroll({pe}):
-                            for v in T.vectorized({ce}):
-                                acc1[q, v] = T.float32(0)
-                        for kk in range({c}):
-                            for q in T.unroll({pe}):
-                                for v in T.vectorized({ce}):
-                                    acc1[q, v] = acc1[q, v] + X[b, lo + r, wt * {pe} + q, kk] * W1[mt, kk, v]
-                        for q in T.unroll({pe}):
-                            for v in T.vectorized({ce}):
-                                E[(lo + r) % {ring}, {pl} + wt * {pe} + q, mt * {ce} + v] = {act1}"""
+        fill = f"\n{_STEP}for mt, r, wt in T.grid({m // ce}, hi - lo, {w // pe}):\n" + _register_tile(
+            "acc1", pe, ce, [f"for kk in range({c}):"], f"X[b, lo + r, wt * {pe} + q, kk] * W1[mt, kk, v]",
+            f"E[(lo + r) % {ring}, {pl} + wt * {pe} + q, mt * {ce} + v]", act1)
     else:
-        piece = max(d for d in (16, 8, 4, 2, 1) if m % d == 0 and d <= unit.lanes)
+        piece = _vector_piece(m, unit.lanes)
         fill = f"""
                     for r, j, mt in T.grid(hi - lo, {w}, {m // piece}):
                         for v in T.vectorized({piece}):
@@ -294,6 +287,11 @@ def kernel_source(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> 
         params.append(f"W3t: T.Buffer(({m}, {tail}), 'float32')")
     params.append(f"Y: T.Buffer(({n}, {ho}, {wo}, {co}), 'float32')")
     act2 = _act(f"acc2[q, v] + B2[mt * {cd} + v]", block.depthwise.low, block.depthwise.high)
+    row = f"(o + ro) * {s} - {p} + ry"  # the input row a depthwise tap reads
+    depthwise = _register_tile(
+        "acc2", pd, cd, [f"for ry in range({k}):", f"if {row} >= 0 and {row} < {h}:", f"for rx in range({k}):"],
+        f"E[({row}) % {ring}, (wt * {pd} + q) * {s} + rx, mt * {cd} + v] * W2[mt, ry, rx, v]",
+        f"D[ro, wt * {pd} + q, mt * {cd} + v]", act2)
     names = ["X", *(["W1", "B1"] if block.expand is not None else []), "W2", "B2", "W3", "B3", *(["W3t"] if tail else [])]
     reads = ", ".join(f"{name}[{', '.join(f'0:{d}' for d in shape)}]"
                       for name, shape in zip(names, [block.shape, *[a.shape for a in consts]]))
@@ -319,20 +317,7 @@ def main({", ".join(params)}):
                     lo = T.if_then_else(i == 0, T.max(0, o * {s} - {p}), T.min({h}, (o - 1) * {s} + {k - p}))
                     hi = T.min({h}, (o + {step - 1}) * {s} + {k - p}){fill}
                     for ro, wt, mt in T.grid({step}, {wo // pd}, {m // cd}):
-                        acc2 = T.decl_buffer(({pd}, {cd}), "float32", scope="local")
-                        for q in T.unroll({pd}):
-                            for v in T.vectorized({cd}):
-                                acc2[q, v] = T.float32(0)
-                        for ry in range({k}):
-                            if (o + ro) * {s} - {p} + ry >= 0 and (o + ro) * {s} - {p} + ry < {h}:
-                                for rx in range({k}):
-                                    for q in T.unroll({pd}):
-                                        for v in T.vectorized({cd}):
-                                            acc2[q, v] = acc2[q, v] + E[((o + ro) * {s} - {p} + ry) % {ring}, (wt * {pd} + q) * {s} + rx, mt * {cd} + v] * W2[mt, ry, rx, v]
-                        for q in T.unroll({pd}):
-                            for v in T.vectorized({cd}):
-                                D[ro, wt * {pd} + q, mt * {cd} + v] = {act2}
-{project}"""
+{depthwise}{project}"""
     return source, consts
 
 
@@ -345,19 +330,26 @@ def _project_loop(block: InvertedResidual, weight: str, first: int, count: int, 
     act = _act(f"acc3[q, v] + B3[{channel}]", block.project.low, block.project.high)
     if block.residual:
         act = f"{act} + X[b, o + ro, wt * {pp} + q, {channel}]"
-    return f"""
-                    for ot, ro, wt in T.grid({count // cp}, {step}, {wo // pp}):
-                        acc3 = T.decl_buffer(({pp}, {cp}), "float32", scope="local")
-                        for q in T.unroll({pp}):
-                            for v in T.vectorized({cp}):
-                                acc3[q, v] = T.float32(0)
-                        for kk in range({m}):
-                            for q in T.unroll({pp}):
-                                for v in T.vectorized({cp}):
-                                    acc3[q, v] = acc3[q, v] + D[ro, wt * {pp} + q, kk] * {w}
-                        for q in T.unroll({pp}):
-                            for v in T.vectorized({cp}):
-                                Y[b, o + ro, wt * {pp} + q, {channel}] = {act}"""
+    return f"\n{_STEP}for ot, ro, wt in T.grid({count // cp}, {step}, {wo // pp}):\n" + _register_tile(
+        "acc3", pp, cp, [f"for kk in range({m}):"], f"D[ro, wt * {pp} + q, kk] * {w}",
+        f"Y[b, o + ro, wt * {pp} + q, {channel}]", act)
+
+
+def _register_tile(acc: str, pixels: int, lanes: int, reduction: Sequence[str], term: str, store: str,
+                   value: str) -> str:
+    """TVMScript of one register tile inside a step's tile loop: ``pixels x lanes`` accumulators zeroed,
+    ``term`` added over the nested ``reduction`` loop (or ``if``) headers, then ``store = value`` per element
+    (``q`` the pixel, ``v`` the vector lane)."""
+    tile = [f"for q in T.unroll({pixels}):", f"    for v in T.vectorized({lanes}):"]
+    body = [f'{acc} = T.decl_buffer(({pixels}, {lanes}), "float32", scope="local")',
+            *tile, f"        {acc}[q, v] = T.float32(0)"]
+    depth = ""
+    for header in reduction:
+        body.append(depth + header)
+        depth += "    "
+    body += [depth + line for line in tile] + [f"{depth}        {acc}[q, v] = {acc}[q, v] + {term}"]
+    body += [*tile, f"        {store} = {value}"]
+    return "\n".join(_STEP + "    " + line for line in body)
 
 
 def kernel(block: InvertedResidual, unit: VectorUnit, cores: int = 1) -> tuple[Any, list[np.ndarray]]:
