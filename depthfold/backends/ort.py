@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,7 +22,7 @@ import torch
 from .._atomic import ensure_writable_dir
 from ..errors import ArtifactError, BackendUnavailableError, ConfigError, suggest
 from .base import DEVICES, Backend, Inputs, LayerScope, Target, host_arch
-from .latency import Measurement, _check_counts, time_callable
+from .latency import Measurement, _check_counts, quantile, time_callable
 from .onnx import OnnxArtifact, export_onnx, to_numpy, to_onnx_model
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from torch.fx import GraphModule
 
 __all__ = ["available_providers", "default_device", "create_session", "feeds", "run", "measure", "session_device",
-           "session_threads", "check_session_args", "measure_kernels", "last_level_cache_bytes",
+           "session_threads", "check_session_args", "measure_kernels", "profile_nodes", "last_level_cache_bytes",
            "OrtBackend", "GRAPH_OPTIMIZATIONS", "LAYOUT_OPS"]
 
 logger = logging.getLogger(__name__)
@@ -231,33 +231,67 @@ def measure_kernels(model: onnx.ModelProto | bytes | str | Path, inputs: Sequenc
     it is in a network. Without it, a 512-channel conv of 64x64 ResNet-34 times at half its in-network cost.
     """
     _check_counts(warmup, repeat)
-    with tempfile.TemporaryDirectory(prefix="depthfold-ort-profile-") as tmp:
-        session = create_session(model, device=device, threads=threads, profile_dir=Path(tmp))
-        feed = feeds(session, inputs)
-        scratch = np.zeros(max(flush_bytes, 0) // 8, dtype=np.float64)
-        for _ in range(warmup + repeat):
-            if scratch.size:
-                scratch += 1.0  # reads and writes every cache line: evicts the weights
-            session.run(None, feed)
-        with open(session.end_profiling(), encoding="utf-8") as f:
-            events = json.load(f)
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    events, device = _profile_events(model, inputs, device=device, threads=threads, runs=warmup + repeat,
+                                     flush_bytes=flush_bytes)
+    runs = _runs(events, warmup + repeat)
     starts = [start for start, _ in runs]
     kernels = [0.0] * len(runs)
     skip = set(exclude)
-    for e in events:
-        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
-            continue
+    for e in _kernel_events(events):
         if e.get("args", {}).get("op_name") in skip:
             continue
         i = bisect.bisect_right(starts, e["ts"]) - 1
         if i >= 0 and e["ts"] <= runs[i][1]:
             kernels[i] += e["dur"] / 1000.0  # microseconds -> ms
-    if len(runs) != warmup + repeat:
-        raise BackendUnavailableError(f"ONNX Runtime's profile recorded {len(runs)} runs, expected {warmup + repeat}"
-                                      "; this onnxruntime's profiler output is not understood, time end to end")
     return Measurement(samples_ms=tuple(kernels[warmup:]), warmup=warmup, threads=threads, backend="onnxruntime",
-                       device=session_device(session))
+                       device=device)
+
+
+def profile_nodes(model: onnx.ModelProto | bytes | str | Path, inputs: Sequence[torch.Tensor | np.ndarray], *,
+                  device: str = "cpu", threads: int = 1, warmup: int = 3, repeat: int = 10) -> list[dict[str, Any]]:
+    """Per-node kernel time from ORT's profiler: ``[{"name", "op_type", "ms"}]`` in execution order, ``ms`` the
+    median over ``repeat`` runs (after ``warmup``) of the node's kernel time in one run."""
+    _check_counts(warmup, repeat)
+    events, _ = _profile_events(model, inputs, device=device, threads=threads, runs=warmup + repeat)
+    runs = _runs(events, warmup + repeat)[warmup:]
+    starts = [start for start, _ in runs]
+    per_node: dict[str, list[float]] = {}
+    op_types: dict[str, str] = {}
+    for e in _kernel_events(events):
+        i = bisect.bisect_right(starts, e["ts"]) - 1
+        if i < 0 or e["ts"] > runs[i][1]:
+            continue  # a warm-up run
+        name = str(e["name"]).removesuffix("_kernel_time")
+        op_types.setdefault(name, str(e.get("args", {}).get("op_name", "?")))
+        per_node.setdefault(name, [0.0] * len(runs))[i] += e["dur"] / 1000.0
+    return [{"name": name, "op_type": op_types[name], "ms": quantile(times, 0.5)} for name, times in per_node.items()]
+
+
+def _profile_events(model: onnx.ModelProto | bytes | str | Path, inputs: Sequence[Any], *, device: str,
+                    threads: int, runs: int, flush_bytes: int = 0) -> tuple[list[dict[str, Any]], str]:
+    """Run ``model`` ``runs`` times with ORT's profiler on; its trace events and the session's device."""
+    with tempfile.TemporaryDirectory(prefix="depthfold-ort-profile-") as tmp:
+        session = create_session(model, device=device, threads=threads, profile_dir=Path(tmp))
+        feed = feeds(session, inputs)
+        scratch = np.zeros(max(flush_bytes, 0) // 8, dtype=np.float64)
+        for _ in range(runs):
+            if scratch.size:
+                scratch += 1.0  # reads and writes every cache line: evicts the weights
+            session.run(None, feed)
+        with open(session.end_profiling(), encoding="utf-8") as f:
+            return json.load(f), session_device(session)
+
+
+def _runs(events: list[dict[str, Any]], expected: int) -> list[tuple[int, int]]:
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    if len(runs) != expected:
+        raise BackendUnavailableError(f"ONNX Runtime's profile recorded {len(runs)} runs, expected {expected}"
+                                      "; this onnxruntime's profiler output is not understood, time end to end")
+    return runs
+
+
+def _kernel_events(events: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    return (e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"))
 
 
 @functools.cache
