@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test install lint bench clean arm-lane
+.PHONY: demo test install lint bench clean arm-lane browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,14 +28,19 @@ demo: $(STAMP)
 arm-lane: $(STAMP)
 	bash scripts/setup_arm_lane.sh $(PY)
 
-test: $(STAMP) arm-lane
+# Headless Chromium for the report screenshot test (DEPTHFOLD_BROWSER=0 skips it).
+browser:
+	bash scripts/setup_browser.sh
+
+test: $(STAMP) arm-lane browser
 	$(PY) -m pytest -q -ra
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check depthfold tests benchmarks
 
+# The benchmark plan on this machine: out/bench/<device-id>/report.{json,md,html} (resumes; --force re-measures).
 bench: $(STAMP)
-	$(PY) benchmarks/exact_fusion.py
+	$(VENV)/bin/depthfold bench --out out/bench
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis
