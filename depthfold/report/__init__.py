@@ -1,8 +1,14 @@
-"""Reports: a JSON-serialisable record of what depthfold did and measured, and its markdown rendering."""
+"""Reports: a JSON-serialisable record of what depthfold did and measured, and its renderings (markdown for
+optimize runs; markdown and self-contained HTML with plots for bench reports, validated by a JSON Schema)."""
 
 from __future__ import annotations
 
+from .bench_markdown import headline_rows, render_bench_markdown, render_headline
+from .html import render_html
 from .markdown import render_markdown
 from .schema import SCHEMA_VERSION, environment, new_report
+from .validate import BENCH_SCHEMA_VERSION, SCHEMA_PATH, bench_schema, check_report, read_report
 
-__all__ = ["SCHEMA_VERSION", "environment", "new_report", "render_markdown"]
+__all__ = ["SCHEMA_VERSION", "environment", "new_report", "render_markdown",
+           "BENCH_SCHEMA_VERSION", "SCHEMA_PATH", "bench_schema", "check_report", "read_report",
+           "render_bench_markdown", "render_headline", "render_html"]
