@@ -90,6 +90,8 @@ class Plan:
 
 EXACT = ("fold_bn", "merge_linear_chains")
 ORIGINAL = Pipeline("original")
+RECOVER_LM = "recover:steps=200,lr=1e-3,lm_weight=0.5,batch_size=32,train_samples=1024,eval_samples=64"
+"""Distillation (next-token KL + LM loss) after a decoder pass, on the bench's calibration windows."""
 
 
 def _layermerge(speedup: float, **options: object) -> Pipeline:
@@ -99,14 +101,16 @@ def _layermerge(speedup: float, **options: object) -> Pipeline:
 
 def default_plan(*, threads: int = 1, device: str = "cpu", rounds: int = 20) -> Plan:
     """Digits-trained ResNet-18 and MobileNetV2 at 32x32 (original, exact, LayerMerge at three budgets, early
-    exits) and the zoo's text-trained Llama decoder (original, exact, KV sharing, layer dropping, LaCo)."""
-    vision = (ORIGINAL, Pipeline("exact", EXACT), _layermerge(1.3), _layermerge(1.6), _layermerge(2.0),
+    exits) and the zoo's text-trained Llama decoder (original, exact, KV sharing with and without recovery,
+    layer dropping, LaCo)."""
+    vision = (ORIGINAL, Pipeline("exact", EXACT), *(_layermerge(s, recover_steps=400) for s in (1.3, 1.6, 2.0)),
               Pipeline("early_exit", (*EXACT, "early_exit:auto=2")))
-    decoder = (ORIGINAL, Pipeline("exact", ("fuse_qkv",)),
+    decoder = (ORIGINAL, Pipeline("exact", (*EXACT, "fuse_qkv")),
                Pipeline("kv_share@cla2", ("kv_share:preset=cla2",)),
+               Pipeline("kv_share@cla2+recover", ("kv_share:preset=cla2", RECOVER_LM)),
                Pipeline("kv_share@cla3", ("kv_share:preset=cla3",)),
                Pipeline("drop_layers@1", ("drop_layers:n=1",)),
-               Pipeline("collapse_blocks@2", ("collapse_blocks:layers=2,max_merges=1,threshold=0",)))
+               Pipeline("collapse_blocks@3", ("collapse_blocks:layers=3,max_merges=1,threshold=0",)))
     return Plan((BenchModel("resnet18", "vision", vision), BenchModel("mobilenetv2_100", "vision", vision),
                  BenchModel("llama_tiny", "decoder", decoder)),
                 threads=threads, device=device, rounds=rounds, aarch64=device == "cpu")  # type: ignore[arg-type]
@@ -116,7 +120,7 @@ def quick_plan(*, threads: int = 1, device: str = "cpu") -> Plan:
     """About a minute: digits ResNet-18 (original, exact, a cheap LayerMerge) on ONNX Runtime against torch
     eager, onnxslim and ONNX Runtime, 10 rounds."""
     pipes = (ORIGINAL, Pipeline("exact", EXACT),
-             _layermerge(1.6, importance="zero_shot", recover_steps=0, replan=1, eval_samples=64))
+             _layermerge(1.6, importance="zero_shot", recover_steps=50, replan=1, eval_samples=64))
     return Plan((BenchModel("resnet18", "vision", pipes),), lanes=("onnxruntime",),
                 baselines=("torch_eager", "onnxruntime", "onnxslim"), rounds=10, warmup=2, threads=threads,
                 device=device, quick=True)  # type: ignore[arg-type]

@@ -88,7 +88,7 @@ def _load(spec: BenchModel, progress: bool) -> _Loaded:
                        f"scikit-learn digits {spec.resolution}x{spec.resolution}, held-out split", "accuracy", True)
     module = zoo.pretrained_text(spec.name, progress=progress)
     train, val = zoo.split_corpus(zoo.text_corpus())
-    data, _ = next(zoo.lm_batches(train, spec.seq_len, 512, seed=1, num_batches=1))
+    data, _ = next(zoo.lm_batches(train, spec.seq_len, 1088, seed=1, num_batches=1))
     held_out, _ = next(zoo.lm_batches(val, spec.seq_len, 64, seed=2, num_batches=1))
     return _Loaded(spec, module, (data[:1].clone(),), data, held_out, lambda m: zoo.evaluate_perplexity(m, val),
                    "Python standard-library text, held-out bytes", "perplexity", False)
