@@ -35,6 +35,7 @@ from ..backends.latency import compare_interleaved, quantile
 from ..backends.ort import profile_nodes
 from ..errors import ConfigError
 from ..ir import compare_outputs
+from ..passes.kv_share import cache_bytes_per_token
 from ..report import BENCH_SCHEMA_VERSION, check_report, render_bench_markdown
 from .device import device_fingerprint
 from .plan import BenchModel, Pipeline, Plan
@@ -158,6 +159,9 @@ def _run_cell(loaded: _Loaded, pipeline: Pipeline, plan: Plan, paths: BenchPaths
                            "original": value if original_quality is None else original_quality}
         cell["fidelity"] = _fidelity(result.original, result.module, loaded.held_out)
         cell["details"] = _details(result.records)
+        if loaded.spec.kind == "decoder" and "kv" not in cell["details"]:
+            cell["details"]["kv"] = {"bytes_per_token": cache_bytes_per_token(result.module),
+                                     "original_bytes_per_token": cache_bytes_per_token(result.original)}
         onnx_path = paths.cell(loaded.spec.name, pipeline.name, "onnx")
         ensure_writable_dir(onnx_path.parent)
         result.export_onnx(onnx_path)

@@ -35,7 +35,7 @@ from .common.metrics import batched_outputs, check_metrics, evaluate, token_cosi
 from .common.stream import narrow_split_projections, stream_states
 from .registry import register_pass
 
-__all__ = ["KVShareConfig", "kv_bytes_per_token", "kv_share", "preset_sources"]
+__all__ = ["KVShareConfig", "cache_bytes_per_token", "kv_bytes_per_token", "kv_share", "preset_sources"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,13 @@ def check_sources(sources: tuple[int, ...], layers: int) -> None:
 def kv_bytes_per_token(sites: list[ir.AttentionSite], sources: tuple[int, ...], dtype_bytes: int) -> int:
     """Bytes of K and V cached per token over the owner layers."""
     return sum(2 * sites[i].kv_heads * sites[i].head_dim * dtype_bytes for i, s in enumerate(sources) if s == i)
+
+
+def cache_bytes_per_token(gm: GraphModule) -> int:
+    """Bytes of K and V a decoder caches per token when every attention layer keeps its own cache (any graph
+    before ``kv_share``, e.g. after dropping or collapsing blocks)."""
+    sites = _sites(gm)
+    return kv_bytes_per_token(sites, tuple(range(len(sites))), _dtype_bytes(gm, sites[0])) if sites else 0
 
 
 @register_pass("kv_share", exactness=Exactness.APPROXIMATE, config=KVShareConfig, uses_context=True)

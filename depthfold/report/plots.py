@@ -229,7 +229,8 @@ def plot_kv(report: Report) -> list[Plot]:
     """KV-cache bytes per token against quality: the original and every pipeline that changed the cache."""
     series = []
     for model in report["models"]:
-        cells = [c for c in _ok_cells(report, model["name"]) if "kv" in c["details"] and c["quality"]]
+        cells = [c for c in _ok_cells(report, model["name"])
+                 if "kv" in c["details"] and c["quality"] and c["pipeline"] != "original"]
         if not cells:
             continue
         original = next((c for c in _ok_cells(report, model["name"]) if c["pipeline"] == "original"), None)
