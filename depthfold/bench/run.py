@@ -178,35 +178,34 @@ def _run_cell(loaded: _Loaded, pipeline: Pipeline, plan: Plan, paths: BenchPaths
 # ------------------------------------------------------------------------------------------------- timings
 
 
-def _variant_callables(runtime: str, pipeline: str, loaded: _Loaded, onnx_path: Path, plan: Plan
-                       ) -> Callable[[], object]:
-    """Build (compile, warm) one variant and return its timed call."""
+def _variant_call(runtime: str, loaded: _Loaded, onnx_path: Path, plan: Plan) -> Callable[[], object]:
+    """Build (compile, warm) one variant; its timed call, which waits for an asynchronous device."""
     target = Target.parse(None, device=plan.device)
     inputs = loaded.inputs
-    if runtime == "torch_eager":
-        backend = get_backend("torch", target, threads=plan.threads)
-        call, _ = backend.prepare(backend.compile(loaded.module, inputs), inputs)
-        return call
-    if runtime == "torch_compile":
-        compiled = torch.compile(loaded.module, backend="inductor", mode="max-autotune-no-cudagraphs")
-        feed = tuple(t.to(plan.device) for t in inputs)
-
-        def run_compiled() -> object:
-            with torch.inference_mode():
-                return compiled(*feed)
-
-        run_compiled()  # compiles
-        return run_compiled
     source: Any = onnx_path
-    if runtime == "onnxslim":
-        import onnxslim
+    if runtime in ("torch_eager", "torch_compile"):
+        backend = get_backend("torch", target, threads=plan.threads)
+        source = backend.compile(loaded.module, inputs)
+        if runtime == "torch_compile":
+            source = torch.compile(source, backend="inductor", mode="max-autotune-no-cudagraphs")
+    else:
+        if runtime == "onnxslim":
+            import onnxslim
 
-        source = onnxslim.slim(str(onnx_path))
-    name = "tvm" if runtime == "tvm" else "onnxruntime"
-    backend = get_backend(name, target, threads=plan.threads)
-    call, _ = backend.prepare(backend.compile(source, inputs), inputs)
-    call()
-    return call
+            source = onnxslim.slim(str(onnx_path))
+        backend = get_backend("tvm" if runtime == "tvm" else "onnxruntime", target, threads=plan.threads)
+        source = backend.compile(source, inputs)
+    call, sync = backend.prepare(source, inputs)
+    call()  # warm (torch.compile compiles here)
+    if sync is None:
+        return call
+
+    def call_and_wait() -> object:
+        out = call()
+        sync()
+        return out
+
+    return call_and_wait
 
 
 def _run_timing(loaded: _Loaded, cells: list[dict[str, Any]], plan: Plan, paths: BenchPaths) -> dict[str, Any]:
@@ -222,8 +221,7 @@ def _run_timing(loaded: _Loaded, cells: list[dict[str, Any]], plan: Plan, paths:
         for runtime, pipeline in wanted:
             name = f"{runtime}/{pipeline}"
             try:
-                calls[name] = _variant_callables(runtime, pipeline, loaded,
-                                                 paths.cell(model, pipeline, "onnx"), plan)
+                calls[name] = _variant_call(runtime, loaded, paths.cell(model, pipeline, "onnx"), plan)
             except Exception as err:  # recorded in the report as a failed variant
                 logger.warning("bench: %s %s cannot run: %s", model, name, err)
                 failed[name] = (runtime, pipeline, f"{type(err).__name__}: {str(err)[:500]}")
