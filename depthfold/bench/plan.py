@@ -103,7 +103,7 @@ def default_plan(*, threads: int = 1, device: str = "cpu", rounds: int = 20) -> 
     """Digits-trained ResNet-18 and MobileNetV2 at 32x32 (original, exact, LayerMerge at three budgets, early
     exits) and the zoo's text-trained Llama decoder (original, exact, KV sharing with and without recovery,
     layer dropping, LaCo)."""
-    vision = (ORIGINAL, Pipeline("exact", EXACT), *(_layermerge(s, recover_steps=400) for s in (1.3, 1.6, 2.0)),
+    vision = (ORIGINAL, Pipeline("exact", EXACT), *(_layermerge(s, recover_steps=400) for s in (1.3, 1.6, 1.8)),
               Pipeline("early_exit", (*EXACT, "early_exit:auto=2")))
     decoder = (ORIGINAL, Pipeline("exact", (*EXACT, "fuse_qkv")),
                Pipeline("kv_share@cla2", ("kv_share:preset=cla2",)),
