@@ -38,9 +38,11 @@ test: $(STAMP) arm-lane browser
 lint: $(STAMP)
 	$(VENV)/bin/ruff check depthfold tests benchmarks
 
-# The benchmark plan on this machine: out/bench/<device-id>/report.{json,md,html} (resumes; --force re-measures).
+# The benchmark plan on this machine: out/bench/<device-id>/report.{json,md,html} (resumes; --force re-measures);
+# with an NVIDIA GPU, a second report for its CUDA lanes.
 bench: $(STAMP)
 	$(VENV)/bin/depthfold bench --out out/bench
+	if command -v nvidia-smi >/dev/null; then $(VENV)/bin/depthfold bench --device cuda --out out/bench; fi
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

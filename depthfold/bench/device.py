@@ -117,14 +117,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
 
 
-def device_id(fingerprint: dict[str, Any]) -> str:
-    """A directory name for reports from this device: architecture, CPU model, CPU count, widest vector ISA
-    and the GPU, e.g. ``x86_64-intel-xeon-2cpu-avx512`` or ``x86_64-amd-epyc-7763-16cpu-avx2-nvidia-h200``."""
+def device_id(fingerprint: dict[str, Any], device: str = "cpu") -> str:
+    """A directory name for reports from this device: architecture, CPU model, CPU count and widest vector
+    ISA, plus the GPU for runs on it, e.g. ``x86_64-intel-xeon-2cpu-avx512`` (a CPU run) or
+    ``x86_64-amd-epyc-7763-16cpu-avx2-nvidia-h200`` (a CUDA run on the same kind of host)."""
     cpu = fingerprint["cpu"]
     isa = next((f for f in ("avx512f", "avx2", "sve2", "sve", "neon") if f in cpu["flags"]), None)
+    gpu = fingerprint.get("gpu") if device == "cuda" else None
     parts = [cpu["arch"], _slug(cpu["model"]), f"{cpu['logical_cpus']}cpu",
-             isa.removesuffix("f") if isa else None,
-             _slug(fingerprint["gpu"]["name"]) if fingerprint.get("gpu") else None]
+             isa.removesuffix("f") if isa else None, _slug(gpu["name"]) if gpu else None]
     return "-".join(p for p in parts if p)
 
 
@@ -144,10 +145,11 @@ def _static() -> dict[str, Any]:
     }
 
 
-def device_fingerprint(threads: int = 1, *, peak: bool = True) -> dict[str, Any]:
-    """This machine as a benchmark report records it (``device`` in the bench schema). ``peak``: also measure
-    the float32 matmul peak on ``threads`` threads (a second or two)."""
+def device_fingerprint(threads: int = 1, *, device: str = "cpu", peak: bool = True) -> dict[str, Any]:
+    """This machine as a benchmark report records it (``device`` in the bench schema), for runs on its
+    ``device`` (``"cpu"`` or ``"cuda"``). ``peak``: also measure the CPU's float32 matmul peak on ``threads``
+    threads (a second or two)."""
     from ..backends.latency import peak_gflops
 
     fp = {**_static(), "threads": threads, "peak_gflops": peak_gflops(threads) if peak else None}
-    return {"id": device_id(fp), **fp}
+    return {"id": device_id(fp, device), **fp}

@@ -234,7 +234,7 @@ def _run_timing(loaded: _Loaded, cells: list[dict[str, Any]], plan: Plan, paths:
     finally:
         torch.set_num_threads(threads_before)
     flops = {c["pipeline"]: (c.get("graph") or {}).get("flops") for c in cells}
-    peak = _peak(plan.threads)
+    peak = _peak(plan.threads) if plan.device == "cpu" else None  # the microbenchmark measures the CPU
     variants = []
     for runtime, pipeline in wanted:
         name = f"{runtime}/{pipeline}"
@@ -352,7 +352,7 @@ def run_bench(plan: Plan, out_dir: str | Path = "out/bench", *, force: bool = Fa
     failing pipeline or backend is recorded with its error and the run goes on."""
     from tqdm.auto import tqdm
 
-    device = device_fingerprint(plan.threads)
+    device = device_fingerprint(plan.threads, device=plan.device)
     if plan.device == "cuda" and device["gpu"] is None:
         raise ConfigError("--device cuda: this machine has no NVIDIA GPU (nvidia-smi not found)")
     paths = BenchPaths(ensure_writable_dir(Path(out_dir) / device["id"]))

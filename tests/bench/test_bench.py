@@ -115,7 +115,8 @@ def test_device_fingerprint_names_the_machine():
     assert re.fullmatch(r"[a-z0-9][a-z0-9._-]*", fp["id"])
     assert fp["cpu"]["logical_cpus"] >= 1 and fp["versions"]["torch"] and fp["versions"]["depthfold"]
     gpu = {**fp, "gpu": {"name": "NVIDIA H200", "driver": "570.1", "memory_bytes": 1 << 37}}
-    assert device_id(gpu).endswith("-nvidia-h200") and device_id(gpu) != fp["id"]
+    assert device_id(gpu, "cuda").endswith("-nvidia-h200") and device_id(gpu, "cuda") != fp["id"]
+    assert device_id(gpu) == fp["id"]  # a CPU run on a GPU machine is a CPU report
 
 
 def test_cpu_flags_from_x86_and_aarch64_cpuinfo():
