@@ -60,7 +60,7 @@ def render_headline(report: dict[str, Any]) -> str:
     lines = [f"Device `{dev['id']}` ({dev['cpu']['model']}, {dev['threads']} thread(s)"
              + (f", {dev['gpu']['name']}" if dev.get("gpu") else "") + f"), depthfold {report['depthfold']}"
              + (f" at `{dev['git']}`" if dev.get("git") else "") + f", {report['created']}.", "",
-             "| model | best pipeline | ONNX Runtime speedup | TVM vs ONNX Runtime | quality before → after |",
+             "| model | best pipeline | ONNX Runtime speedup | its TVM build vs the ONNX Runtime original | quality before → after |",
              "|---|---|---|---|---|"]
     for row in headline_rows(report):
         model, cell = row["model"], row["cell"]
