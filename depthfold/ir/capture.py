@@ -95,6 +95,25 @@ def split_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[torch.Ten
     return args, dict(sorted(kwargs.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
+def _check_values(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    """Refuse what would make every later check meaningless: empty example inputs, and NaN or infinite values
+    in the inputs or the parameters (a NaN compares unequal to itself, so verification could not catch a
+    pass that changed the outputs)."""
+    for i, t in enumerate(inputs):
+        if t.numel() == 0:
+            raise ConfigError(f"example input {i} has shape {tuple(t.shape)}, which holds no values; give inputs "
+                              "at a deployment shape (batch and sequence at least 1)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"example input {i} of shape {tuple(t.shape)} contains NaN or infinite values; give "
+                              "finite inputs (outputs are compared against the original's on them)")
+    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ConfigError(f"parameter{'s' if len(bad) > 1 else ''} {', '.join(bad[:5])}"
+                          f"{f' (and {len(bad) - 5} more)' if len(bad) > 5 else ''} of {type(model).__name__} "
+                          f"{'contain' if len(bad) > 1 else 'contains'} NaN or infinite values; the model is broken before any pass runs (check the "
+                          "checkpoint it was loaded from, or the training run that produced it)")
+
+
 def describe_inputs(inputs: Sequence[torch.Tensor]) -> str:
     """``"(1, 3, 224, 224) float32"`` per input, for error messages."""
     return ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
@@ -125,6 +144,7 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True,
     args, kwargs = split_inputs(model, example_inputs)
     inputs = (*args, *kwargs.values())
     name = type(model).__name__
+    _check_values(model, inputs)
     try:
         private = copy.deepcopy(model).eval()
     except Exception as err:  # deepcopy failures are arbitrary user-code errors

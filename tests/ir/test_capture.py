@@ -287,3 +287,25 @@ def test_capture_falls_back_to_static_and_says_why() -> None:
 def test_capture_static_when_asked() -> None:
     captured = ir.capture(BatchReshape(), (torch.randn(2, 3, 8, 8),), dynamic=False)
     assert ir.dynamic_dims(captured.graph_module) == ((),)
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ((torch.randn(0, 3, 8, 8),), r"example input 0 has shape \(0, 3, 8, 8\), which holds no values"),
+    ((torch.full((1, 3, 8, 8), float("nan")),), "example input 0 of shape .* contains NaN or infinite values"),
+    ((torch.full((1, 3, 8, 8), float("inf")),), "contains NaN or infinite values"),
+])
+def test_capture_refuses_empty_or_non_finite_inputs(inputs, message):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(ConfigError, match=message):
+        ir.capture(model, inputs)
+
+
+def test_capture_refuses_non_finite_weights_naming_them():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+        model[1].bias[1] = float("-inf")
+    with pytest.raises(ConfigError, match=r"parameters 0\.weight, 1\.bias of Sequential contain NaN or infinite"):
+        ir.capture(model, (torch.randn(1, 3, 8, 8),))
+    # the user's model is reported, not repaired
+    assert torch.isnan(model[0].weight[0, 0, 0, 0])
