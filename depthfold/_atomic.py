@@ -42,6 +42,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
+    except OSError as err:  # a full disk, a vanished directory: say where, and leave nothing behind
+        tmp.unlink(missing_ok=True)
+        raise ArtifactError(f"could not write {str(target)!r}: {err.strerror or err}; free some space or choose "
+                            "another output directory (nothing was written there)") from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -64,6 +64,9 @@ def load_model(spec: str, *, resolution: int | None = None, input_shape: str | N
     if spec.startswith("zoo:"):
         from . import zoo
 
+        if input_shape is not None:
+            raise ConfigError(f"--input-shape is for factory files that return only a model; {spec} has its own "
+                              "inputs (set the image size with --resolution)")
         name = spec[4:]
         if pretrained == "digits":
             model = zoo.pretrained_digits(name, resolution=resolution or 32)
