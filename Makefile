@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test install lint bench clean arm-lane browser
+.PHONY: demo test install lint bench clean arm-lane browser fuzz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ browser:
 
 test: $(STAMP) arm-lane browser
 	$(PY) -m pytest -q -ra
+
+# Differential fuzzing of the exact passes on random models (tests/fuzz): 2,000 models, random seeds;
+# make test runs a fixed 30-model slice. DEPTHFOLD_FUZZ_EXAMPLES=N sets the count.
+fuzz: $(STAMP)
+	DEPTHFOLD_FUZZ_EXAMPLES=$${DEPTHFOLD_FUZZ_EXAMPLES:-2000} DEPTHFOLD_FUZZ_RANDOM=1 \
+		$(PY) -m pytest -q tests/fuzz -k exact --hypothesis-show-statistics
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check depthfold tests benchmarks
