@@ -70,9 +70,7 @@ class OptimizeResult:
             "backend": backend.name, "target": str(backend.target), "device": backend.target.device,
             "threads": backend.threads, "rounds": rounds, "calls_per_sample": result["inner"],
             "measurements": {k: m.to_dict() for k, m in result["measurements"].items()},
-            "speedup": {"median": latency_mod.quantile(speedups, 0.5),
-                        "p10": latency_mod.quantile(speedups, 0.1),
-                        "p90": latency_mod.quantile(speedups, 0.9)},
+            "speedup": latency_mod.spread(speedups),
         }
         self.report["latency"] = summary
         return summary

@@ -7,7 +7,9 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +195,7 @@ def _cmd_bench_plan(args: argparse.Namespace) -> int:
 
     threads = args.threads
     plan = quick_plan(threads=threads, device=args.device) if args.quick else \
-        default_plan(threads=threads, device=args.device, rounds=args.rounds or 20)
+        default_plan(threads=threads, device=args.device)
     plan = plan.select(tuple(_names(args.models)), tuple(_names(args.pipelines)))
     if args.lanes:
         plan = dataclasses.replace(plan, lanes=tuple(_names(args.lanes)))
@@ -416,11 +418,27 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("torch", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
     try:
         return int(args.func(args))
     except DepthfoldError as err:
         print(f"depthfold: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
+        print(f"depthfold: stopped by {signal.Signals(signum).name}. Nothing half-written was left; finished "
+              "latency and importance entries and trained weights are cached, so the same command resumes "
+              "from them", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary files are removed and locks released on the way out."""
+    raise KeyboardInterrupt(signum)
 
 
 if __name__ == "__main__":

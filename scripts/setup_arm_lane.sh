@@ -63,8 +63,21 @@ TVM_VERSION=$("$PY" -c 'import importlib.metadata as m; print(m.version("apache-
 FFI_VERSION=$("$PY" -c 'import importlib.metadata as m; print(m.version("apache-tvm-ffi"))' 2>/dev/null) \
     || die "apache-tvm-ffi is not installed in $PY; reinstall apache-tvm"
 STAMP_WANT="tvm=$TVM_VERSION ffi=$FFI_VERSION debs=$DEBS wheels=$WHEELS v1"
-if [[ -f "$ROOT/.depthfold-stamp" && "$(cat "$ROOT/.depthfold-stamp")" == "$STAMP_WANT" \
-      && -x "$ROOT/usr/bin/python3.11" ]]; then
+root_ready() {
+    [[ -f "$ROOT/.depthfold-stamp" && "$(cat "$ROOT/.depthfold-stamp")" == "$STAMP_WANT" \
+       && -x "$ROOT/usr/bin/python3.11" ]]
+}
+if root_ready; then
+    exit 0
+fi
+# One builder at a time (two test runs sharing a cache): the second waits, then finds the root ready.
+mkdir -p "$CACHE"
+exec 9>"$ROOT.lock"
+if ! flock -n 9; then
+    echo "arm lane: waiting for another process building $ROOT"
+    flock 9
+fi
+if root_ready; then
     exit 0
 fi
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..errors import ConfigError, suggest
-from .latency import Measurement, _check_counts, compare_interleaved, quantile, time_callable
+from .latency import Measurement, _check_counts, compare_interleaved, spread, time_callable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -216,8 +216,7 @@ class Backend(ABC):
                               baseline="reference", min_sample_ms=20.0)
         ratios = [1.0 / r for r in result["ratios"]["candidate"]["samples"]]
         ms = {name: m.median_ms for name, m in result["measurements"].items()}
-        return {"median": quantile(ratios, 0.5), "p10": quantile(ratios, 0.1), "p90": quantile(ratios, 0.9),
-                "rounds": rounds, "reference_ms": ms["reference"], "candidate_ms": ms["candidate"]}
+        return {**spread(ratios), "rounds": rounds, "reference_ms": ms["reference"], "candidate_ms": ms["candidate"]}
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything a timing depends on besides the model: backend, target, settings, the machine, versions."""

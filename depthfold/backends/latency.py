@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError, suggest
 
-__all__ = ["Measurement", "time_callable", "compare_interleaved", "quantile", "peak_gflops", "efficiency"]
+__all__ = ["Measurement", "time_callable", "compare_interleaved", "quantile", "spread", "peak_gflops", "efficiency"]
 
 # The clock, looked up at call time so tests can substitute a deterministic one.
 _now_ns: Callable[[], int] = time.perf_counter_ns
@@ -40,6 +40,11 @@ def quantile(values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """``{"median", "p10", "p90"}`` of ``values``: how reports state a ratio or a time with its spread."""
+    return {"median": quantile(values, 0.5), "p10": quantile(values, 0.1), "p90": quantile(values, 0.9)}
 
 
 @dataclass(frozen=True)
@@ -284,8 +289,7 @@ def summarise_rounds(per_round: Sequence[Mapping[str, float]], names: Sequence[s
     speedups: dict[str, float] = {}
     for name in names:
         rs = [_ratio(t[name], t[baseline]) for t in per_round]
-        ratios[name] = {"median": quantile(rs, 0.5), "p10": quantile(rs, 0.1), "p90": quantile(rs, 0.9),
-                        "samples": rs}
+        ratios[name] = {**spread(rs), "samples": rs}
         speedups[name] = quantile([_ratio(t[baseline], t[name]) for t in per_round], 0.5)
     return {"baseline": baseline, "rounds": len(per_round), "warmup": warmup, "inner": inner,
             "measurements": measurements, "ratios": ratios, "speedups": speedups}

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import ConfigError
+from ..report.validate import RUNTIMES
 
 __all__ = ["Pipeline", "BenchModel", "Plan", "default_plan", "quick_plan", "demo_plan", "RUNTIMES", "LANES"]
 
-RUNTIMES = ("torch_eager", "torch_compile", "onnxruntime", "onnxslim", "tvm")
-"""Where a variant runs. Baselines run the original on every one of them; pipelines run on the lanes."""
 LANES = ("onnxruntime", "tvm")
 """Deployment backends every pipeline's ONNX artifact is timed on."""
 

@@ -31,7 +31,7 @@ from torch import nn
 from .. import __version__, zoo
 from .._atomic import atomic_write, ensure_writable_dir
 from ..backends import Target, get_backend
-from ..backends.latency import compare_interleaved, quantile
+from ..backends.latency import compare_interleaved, spread
 from ..backends.ort import profile_nodes
 from ..errors import ConfigError
 from ..ir import compare_outputs
@@ -56,6 +56,10 @@ class BenchPaths:
 
     def timing(self, model: str) -> Path:
         return self.root / "timings" / f"{model}.json"
+
+    def aarch64(self, model: str) -> Path:
+        """The aarch64 cross-compile and emulated-run checks of one model's pipelines."""
+        return self.root / "aarch64" / f"{model}.json"
 
     @property
     def report(self) -> dict[str, Path]:
@@ -268,7 +272,7 @@ def _run_timing(loaded: _Loaded, cells: list[dict[str, Any]], plan: Plan, paths:
                          "samples_ms": list(m.samples_ms), "gflops": gflops,
                          "fraction_of_peak": gflops / peak if gflops and peak else None})
     bases = [f"{r}/original" for r in plan.baselines if f"{r}/original" in calls]
-    speedups = {v: {b: _spread([t[b] / t[v] for t in _rounds(result, [v, b])]) for b in bases}
+    speedups = {v: {b: spread([t[b] / t[v] for t in _rounds(result, [v, b])]) for b in bases}
                 for v in calls}
     return {"model": model, "rounds": plan.rounds, "warmup": plan.warmup, "inner": result["inner"],
             "threads": plan.threads, "variants": variants, "speedups": speedups}
@@ -277,10 +281,6 @@ def _run_timing(loaded: _Loaded, cells: list[dict[str, Any]], plan: Plan, paths:
 def _rounds(result: dict[str, Any], names: list[str]) -> list[dict[str, float]]:
     samples = {n: result["measurements"][n].samples_ms for n in names}
     return [{n: samples[n][i] for n in names} for i in range(result["rounds"])]
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": quantile(values, 0.5), "p10": quantile(values, 0.1), "p90": quantile(values, 0.9)}
 
 
 def _peak(threads: int) -> float | None:
@@ -400,11 +400,11 @@ def run_bench(plan: Plan, out_dir: str | Path = "out/bench", *, force: bool = Fa
         bar.update()
         if plan.aarch64 and spec.kind == "vision":
             bar.set_postfix_str(f"{spec.name} aarch64")
-            a64 = None if force else _read_json(paths.timing(f"{spec.name}.aarch64"))
+            a64 = None if force else _read_json(paths.aarch64(spec.name))
             if a64 is None or {c["pipeline"] for c in a64["checks"]} != {c["pipeline"] for c in cells
                                                                         if c["status"] == "ok"}:
                 a64 = _aarch64_checks(cells, loaded.inputs, paths)
-                _write_json(paths.timing(f"{spec.name}.aarch64"), a64)
+                _write_json(paths.aarch64(spec.name), a64)
             aarch64.append(a64)
         models.append(_model_record(loaded, cells[0] if cells and cells[0]["pipeline"] == "original" else None))
         all_cells += cells

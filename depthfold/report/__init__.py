@@ -6,10 +6,10 @@ from __future__ import annotations
 from .bench_markdown import headline_rows, render_bench_markdown, render_headline
 from .markdown import render_markdown
 from .schema import SCHEMA_VERSION, environment, new_report
-from .validate import BENCH_SCHEMA_VERSION, SCHEMA_PATH, bench_schema, check_report, read_report
+from .validate import BENCH_SCHEMA_VERSION, RUNTIMES, SCHEMA_PATH, bench_schema, check_report, read_report
 
 __all__ = ["SCHEMA_VERSION", "environment", "new_report", "render_markdown",
-           "BENCH_SCHEMA_VERSION", "SCHEMA_PATH", "bench_schema", "check_report", "read_report",
+           "BENCH_SCHEMA_VERSION", "RUNTIMES", "SCHEMA_PATH", "bench_schema", "check_report", "read_report",
            "headline_rows", "render_bench_markdown", "render_headline", "render_html"]
 
 

@@ -17,6 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .validate import RUNTIMES
+
 __all__ = ["PLOT_KINDS", "Plot", "PlotKind", "plot_early_exit", "plot_efficiency", "plot_kv",
            "plot_layermerge", "plot_layers", "plot_pareto"]
 
@@ -28,7 +30,6 @@ _WIDTH_IN = 6.0
 _FONT = 8
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]  # matplotlib's tab10
-_RUNTIMES = ("torch_eager", "torch_compile", "onnxruntime", "onnxslim", "tvm")
 _TOP_OPS = 7  # op types shown by name in the layer breakdown; the rest are summed as "other"
 
 
@@ -82,7 +83,7 @@ def _timed(report: Report, model: str) -> dict[str, dict[str, Any]]:
 
 def _latency(report: Report, variants: dict[str, dict[str, Any]], pipeline: str) -> tuple[str, float] | None:
     """(runtime, median ms) of a pipeline: on onnxruntime if timed there, else the first ok lane, else any."""
-    lanes = ["onnxruntime", *report["settings"]["lanes"], *_RUNTIMES]
+    lanes = ["onnxruntime", *report["settings"]["lanes"], *RUNTIMES]
     for runtime in lanes:
         v = variants.get(f"{runtime}/{pipeline}")
         if v is not None:
@@ -311,7 +312,7 @@ def plot_efficiency(report: Report) -> list[Plot]:
         ax = fig.add_subplot()
         ys = range(len(variants))
         ax.barh(ys, [v["gflops"] for v in variants],
-                color=[_COLORS[_RUNTIMES.index(v["runtime"]) % len(_COLORS)] for v in variants])
+                color=[_COLORS[RUNTIMES.index(v["runtime"]) % len(_COLORS)] for v in variants])
         for y, v in zip(ys, variants):
             fraction = v["fraction_of_peak"]
             label = f" {v['gflops']:.1f}" + (f" ({fraction:.0%})" if fraction is not None else "")

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["BENCH_SCHEMA_VERSION", "SCHEMA_PATH", "bench_schema", "check_report", "read_report"]
+__all__ = ["BENCH_SCHEMA_VERSION", "RUNTIMES", "SCHEMA_PATH", "bench_schema", "check_report", "read_report"]
 
 BENCH_SCHEMA_VERSION = "1.0"
 """MAJOR.MINOR of the reports this depthfold writes: a minor bump only adds optional fields."""
@@ -21,6 +21,10 @@ SCHEMA_PATH = Path(__file__).parent / "schemas" / f"bench-{BENCH_SCHEMA_VERSION.
 def bench_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of bench reports."""
     return json.loads(SCHEMA_PATH.read_text())
+
+
+RUNTIMES: tuple[str, ...] = tuple(bench_schema()["$defs"]["variant"]["properties"]["runtime"]["enum"])
+"""The runtimes a bench report times, in the order reports list them (the schema's enum)."""
 
 
 def _major(version: object) -> int | None:

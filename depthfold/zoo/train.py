@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .._atomic import atomic_write
-from ..cache import cache_dir
+from ..cache import cache_dir, cache_lock
 from ..errors import ArtifactError, ConfigError
 from .data import digits_datasets, lm_batches, split_corpus, text_corpus
 from .hf_vision import HF_VISION_MODELS, hf_vision
@@ -256,20 +257,21 @@ def pretrained_digits(
     key = {"name": name, "task": "digits", "resolution": resolution, "seed": seed, "kwargs": kwargs,
            "epochs": epochs, "lr": lr, "batch_size": _DIGITS_BATCH}
     path = cache_path(f"{name}-digits-r{resolution}-s{seed}", key) if use_cache else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = hf_vision(name, seed=seed, **kwargs) if name in HF_VISION_MODELS else create(name, **kwargs)
-        if path is not None and _try_load(model, path):
-            return model.eval()
-        train, test = digits_datasets(resolution, channels=int(kwargs.get("in_chans", 3)), seed=seed)
-        start = time.perf_counter()
-        _train_classifier(model, train, epochs=epochs, lr=lr, seed=seed, progress=progress, desc=name)
-        acc = evaluate_accuracy(model, test)
-    logger.info("trained %s on digits at %dx%d: %d epochs, %.1f s, test accuracy %.4f",
-                name, resolution, resolution, epochs, time.perf_counter() - start, acc)
-    if path is not None:
-        _save(model, path)
-    return model.eval()
+    with cache_lock(path, f"zoo weights {path.name}") if path is not None else nullcontext():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = hf_vision(name, seed=seed, **kwargs) if name in HF_VISION_MODELS else create(name, **kwargs)
+            if path is not None and _try_load(model, path):
+                return model.eval()
+            train, test = digits_datasets(resolution, channels=int(kwargs.get("in_chans", 3)), seed=seed)
+            start = time.perf_counter()
+            _train_classifier(model, train, epochs=epochs, lr=lr, seed=seed, progress=progress, desc=name)
+            acc = evaluate_accuracy(model, test)
+        logger.info("trained %s on digits at %dx%d: %d epochs, %.1f s, test accuracy %.4f",
+                    name, resolution, resolution, epochs, time.perf_counter() - start, acc)
+        if path is not None:
+            _save(model, path)
+        return model.eval()
 
 
 def _train_classifier(
@@ -327,27 +329,28 @@ def pretrained_text(
     key = {"name": name, "task": "text", "seed": seed, "kwargs": model_kwargs, "steps": steps,
            "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "corpus": hashlib.sha256(corpus).hexdigest()}
     path = cache_path(f"{name}-text-s{seed}", key) if use_cache else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = create(name, **model_kwargs)
-        if path is not None and _try_load(model, path):
-            return model.eval()
-        start = time.perf_counter()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, max(1, steps // 20)))
-        model.train()
-        batches = lm_batches(train, seq_len, batch_size, seed, num_batches=steps)
-        for x, y in _progress(batches, progress, steps, name):
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-        model.eval()
-        ppl = evaluate_perplexity(model, val, seq_len)
-    logger.info("trained %s on text: %d steps, %.1f s, validation perplexity %.2f",
-                name, steps, time.perf_counter() - start, ppl)
-    if path is not None:
-        _save(model, path)
-    return model.eval()
+    with cache_lock(path, f"zoo weights {path.name}") if path is not None else nullcontext():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = create(name, **model_kwargs)
+            if path is not None and _try_load(model, path):
+                return model.eval()
+            start = time.perf_counter()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, max(1, steps // 20)))
+            model.train()
+            batches = lm_batches(train, seq_len, batch_size, seed, num_batches=steps)
+            for x, y in _progress(batches, progress, steps, name):
+                loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+            model.eval()
+            ppl = evaluate_perplexity(model, val, seq_len)
+        logger.info("trained %s on text: %d steps, %.1f s, validation perplexity %.2f",
+                    name, steps, time.perf_counter() - start, ppl)
+        if path is not None:
+            _save(model, path)
+        return model.eval()

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..._atomic import atomic_write, ensure_writable_dir
+from ...cache import cache_dir, cache_lock
 from ...errors import ArtifactError, BackendUnavailableError, ConfigError, DepthfoldError
 from ...ir import flatten_outputs
 from ..base import Target
@@ -345,8 +346,6 @@ def _check_tuning_works() -> None:
 def tuning_dir(target_json: dict[str, Any]) -> Path:
     """Where MetaSchedule's records for one target live (``$DEPTHFOLD_CACHE/tvm-tuning/<target hash>``): a
     workload tuned once is reused by every later build for that target."""
-    from ...cache import cache_dir
-
     key = hashlib.sha256(json.dumps(target_json, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir("tvm-tuning", key)
 
@@ -373,11 +372,16 @@ def _tuned(mod: Any, target: Any, target_json: dict[str, Any], trials: int, *,
 
     todo = [t for t in tasks if not measured(t)]
     if todo:
-        per_task = max(1, min(trials, 64))
-        builder = ms.builder.LocalBuilder(f_build=_build_candidate, timeout_sec=BUILD_TIMEOUT_S)
-        ms.relax_integration.tune_relax(fused, {}, target, work_dir=str(work), max_trials_global=trials,
-                                        max_trials_per_task=per_task, num_trials_per_iter=per_task,
-                                        builder=builder, database=database, seed=0)
+        # one tuner per target at a time: MetaSchedule appends to the records, and concurrent timing interferes
+        with cache_lock(work, "TVM tuning records"):
+            database = ms.database.JSONDatabase(work_dir=str(work))  # with what a waited-for tuner added
+            todo = [t for t in tasks if not measured(t)]
+            if todo:
+                per_task = max(1, min(trials, 64))
+                builder = ms.builder.LocalBuilder(f_build=_build_candidate, timeout_sec=BUILD_TIMEOUT_S)
+                ms.relax_integration.tune_relax(fused, {}, target, work_dir=str(work), max_trials_global=trials,
+                                                max_trials_per_task=per_task, num_trials_per_iter=per_task,
+                                                builder=builder, database=database, seed=0)
     with_record = sum(measured(t) for t in tasks)
     if todo and with_record == 0:
         logger.warning("tvm: tuning measured no candidate (every build or run failed); the default schedules "

@@ -1,8 +1,10 @@
 """Table entries on disk: one JSON file per entry, keyed by everything the value depends on, checksummed.
 
-A rerun reads the entries back instead of recomputing them; an interrupted build resumes from what was
-written; an entry that does not parse, whose checksum does not match or that was stored under another key
-is deleted and recomputed, never used.
+A rerun reads the entries back instead of recomputing them; an interrupted build (Ctrl-C, SIGTERM, a crash)
+resumes from the entries written before it stopped, each written atomically as it finished; an entry that
+does not parse, whose checksum does not match or that was stored under another key is deleted and
+recomputed, never used. Processes sharing a cache directory build under one lock per table kind, so two
+runs started together compute each entry once and get the same table.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Hashable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..._atomic import atomic_write
+from ...cache import cache_lock
 
-__all__ = ["entry_path", "load_entry", "store_entry"]
+__all__ = ["TableFill", "entry_path", "fill_table", "load_entry", "store_entry"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,3 +56,56 @@ def load_entry(path: Path, key: str) -> dict[str, Any] | None | bool:
 def store_entry(path: Path, key: str, result: dict[str, Any]) -> None:
     entry = {"format": _FORMAT, "key": key, "result": result, "checksum": _checksum(key, result)}
     atomic_write(path, lambda p: p.write_text(json.dumps(entry)))
+
+
+@dataclass
+class TableFill:
+    """What :func:`fill_table` found: every entry's result, how many came from the cache, how many were
+    computed, how many stored entries were rejected as corrupt or stale, and what ``compute`` returned."""
+
+    results: dict[Any, dict[str, Any]]
+    hits: int
+    computed: int
+    rejected: int
+    ran: Any = None
+
+
+def fill_table(root: Path, keys: dict[Hashable, str],
+               compute: Callable[[list[Hashable], Callable[[Hashable, dict[str, Any]], None]], Any], *,
+               use_cache: bool, what: str) -> TableFill:
+    """Each entry of ``keys`` (id -> cache key) read from ``root`` or computed by ``compute(ids, store)``,
+    which calls ``store(id, result)`` as each entry finishes (stored at once, so a stopped build resumes).
+
+    Missing entries are computed holding ``root``'s lock: a process that waited for it first reads what the
+    holder stored. ``use_cache=False`` reads, writes and locks nothing."""
+    results: dict[Any, dict[str, Any]] = {}
+    rejected = 0
+
+    def read(ids: list[Hashable]) -> None:
+        nonlocal rejected
+        for i in ids:
+            hit = load_entry(entry_path(root, keys[i]), keys[i]) if use_cache else None
+            if isinstance(hit, dict):
+                results[i] = hit
+            else:
+                rejected += hit is False
+
+    read(list(keys))
+    missing = [i for i in keys if i not in results]
+    todo: list[Hashable] = []
+    ran = None
+    if missing:
+        with cache_lock(root / "build", what) if use_cache else nullcontext():
+            for stale in root.glob(".*.json.*.tmp"):  # left by a process killed mid-write (only writers lock)
+                stale.unlink(missing_ok=True)
+            read(missing)
+            todo = [i for i in missing if i not in results]
+
+            def store(i: Hashable, result: dict[str, Any]) -> None:
+                results[i] = result
+                if use_cache:
+                    store_entry(entry_path(root, keys[i]), keys[i], result)
+
+            if todo:
+                ran = compute(todo, store)
+    return TableFill(results, len(keys) - len(todo), len(todo), rejected, ran)

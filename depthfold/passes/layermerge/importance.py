@@ -23,7 +23,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,7 +40,7 @@ from ...ir import PortableGraph, digest_graph, digest_tensors, flatten_outputs, 
 from ..common import metrics
 from ..common.calibration import Calibration
 from ..common.jobs import job_location, run_jobs
-from ..common.table_cache import entry_path, load_entry, store_entry
+from ..common.table_cache import fill_table
 from ..recover import recover
 from .apply import AppliedSegment, apply_plan, share_graph
 from .candidates import SegmentChoice
@@ -124,33 +124,28 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
     common = {"model": digest_graph(gm),
               "calibration": digest_tensors(calib.train.inputs[0], held_out.inputs[0], held_out.labels),
               "batch_size": bs, "estimator": estimator, "steps": steps, "lr": lr}
-    keys = [json.dumps({**common, "choice": c.to_dict()}, sort_keys=True) for c in choices]
-    results: dict[int, dict[str, Any]] = {}
-    for i, choice in enumerate(choices):
-        if choice.kind in ("original", "barrier"):
-            results[i] = {"metric": 0.0, "accuracy": original_acc}
-        elif use_cache and isinstance(hit := load_entry(entry_path(root, keys[i]), keys[i]), dict):
-            results[i] = hit
-    todo = [i for i in range(len(choices)) if i not in results]
-    cache_hits = len(choices) - len(todo) - sum(c.kind in ("original", "barrier") for c in choices)
+    results: dict[int, dict[str, Any]] = {i: {"metric": 0.0, "accuracy": original_acc}
+                                          for i, c in enumerate(choices) if c.kind in ("original", "barrier")}
+    keys = {i: json.dumps({**common, "choice": c.to_dict()}, sort_keys=True)
+            for i, c in enumerate(choices) if i not in results}
     trained = 0
     ran_on: Counter[str] = Counter()
 
-    def store(k: int, out: dict[str, Any]) -> None:
-        nonlocal trained
-        i = todo[k]
-        results[i] = {"metric": out["metric"], "accuracy": out["accuracy"]}
-        trained += out["trained"]
-        ran_on[out["ran_on"]] += 1
-        if use_cache:
-            store_entry(entry_path(root, keys[i]), keys[i], results[i])
+    def score(todo: list[int], store: Callable[[int, dict[str, Any]], None]) -> str:
+        def stored(k: int, out: dict[str, Any]) -> None:
+            nonlocal trained
+            trained += out["trained"]
+            ran_on[out["ran_on"]] += 1
+            store(todo[k], {"metric": out["metric"], "accuracy": out["accuracy"]})
 
-    where = None
-    if todo:
         shared = _Shared(PortableGraph(gm), trunk, teacher, held_out,
                          calib.train.inputs[0] if estimator == "finetune" else None, estimator, steps, lr, bs)
-        where = run_jobs(_score_candidate, _jobs(gm, trunk, [choices[i] for i in todo], calib, estimator), store,
-                         shared=shared, executor=executor, progress=progress, desc="importance")
+        return run_jobs(_score_candidate, _jobs(gm, trunk, [choices[i] for i in todo], calib, estimator), stored,
+                        shared=shared, executor=executor, progress=progress, desc="importance")
+
+    table = fill_table(root, keys, score, use_cache=use_cache, what="an importance table")
+    results.update(table.results)
+    cache_hits, where = table.hits, table.ran
     metric = [float(results[i]["metric"]) for i in range(len(choices))]
     accuracies = [results[i]["accuracy"] for i in range(len(choices))]
     notes = ["no calibration data: importance measured on standard-normal inputs"] if calib.synthetic else []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch.fx import Graph, GraphModule, Node
 from ...cache import cache_dir
 from ...errors import ConfigError
 from ..common.jobs import run_jobs
-from ..common.table_cache import entry_path, load_entry, store_entry
+from ..common.table_cache import fill_table
 from .candidates import Geometry, SegmentChoice
 from .trunk import Act, Join, Layer, Trunk
 
@@ -216,27 +216,16 @@ def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segment
             if end_to_end:
                 overhead = _overhead_spec(spec)
                 distinct.setdefault(overhead.signature(), overhead)
-    results: dict[str, dict[str, Any]] = {}
-    hits = rejected = 0
-    todo: list[tuple[str, LayerSpec]] = []
-    for signature, spec in distinct.items():
-        key = json.dumps({"layer": signature, "probe": fingerprint, "cold": cold}, sort_keys=True)
-        cached = load_entry(entry_path(root, key), key) if use_cache else None
-        if isinstance(cached, dict):
-            results[signature] = cached
-            hits += 1
-        else:
-            rejected += cached is False
-            todo.append((key, spec))
+    keys = {signature: json.dumps({"layer": signature, "probe": fingerprint, "cold": cold}, sort_keys=True)
+            for signature in distinct}
 
-    def store(index: int, result: dict[str, Any]) -> None:
-        key, spec = todo[index]
-        results[spec.signature()] = result
-        if use_cache:
-            store_entry(entry_path(root, key), key, result)
+    def measure(todo: list[str], store: Callable[[str, dict[str, Any]], None]) -> None:
+        run_jobs(measure_spec, [(distinct[s], probe, cold) for s in todo], lambda k, r: store(todo[k], r),
+                 executor=executor, threads_per_job=int(fingerprint.get("threads", 1)), progress=progress,
+                 desc="latency table")
 
-    run_jobs(measure_spec, [(spec, probe, cold) for _, spec in todo], store, executor=executor,
-             threads_per_job=int(fingerprint.get("threads", 1)), progress=progress, desc="latency table")
+    table = fill_table(root, keys, measure, use_cache=use_cache, what="a latency table")
+    results = table.results
     medians, p10s, p90s = [], [], []
     for spec in specs:
         r = results[spec.signature()] if spec is not None and spec.ops else None
@@ -244,5 +233,5 @@ def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segment
         medians.append(max(0.0, float(r["median_ms"]) - base) if r else 0.0)
         p10s.append(max(0.0, float(r["p10_ms"]) - base) if r else 0.0)
         p90s.append(max(0.0, float(r["p90_ms"]) - base) if r else 0.0)
-    return LatencyTable(medians, p10s, p90s, len(distinct), hits, len(todo), rejected,
+    return LatencyTable(medians, p10s, p90s, len(distinct), table.hits, table.computed, table.rejected,
                         time.perf_counter() - start, cold, fingerprint)
