@@ -15,6 +15,7 @@ __all__ = [
     "BackendUnavailableError",
     "ArtifactError",
     "InfeasibleBudgetError",
+    "TimeBudgetError",
     "suggest",
 ]
 
@@ -49,6 +50,10 @@ class BackendUnavailableError(DepthfoldError):
 
 class ArtifactError(DepthfoldError):
     """An artifact could not be written, read or validated."""
+
+
+class TimeBudgetError(DepthfoldError):
+    """Work stopped at its time budget; what finished is kept (cached table entries), so a rerun continues."""
 
 
 class InfeasibleBudgetError(DepthfoldError):

@@ -5,11 +5,12 @@ checks is current (``DEPTHFOLD_REGENERATE=1 pytest tests/test_reliability.py`` r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,65 @@ def _costly_merge(out: Path) -> str:
     return f"the merge is skipped and reported: {skip['reason']}"
 
 
+class Relus(nn.Module):
+    """Two conv-ReLU layers and a pooled head: something for LayerMerge to compress."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3))
+
+
+@contextlib.contextmanager
+def _own_cache(out: Path) -> Iterator[Path]:
+    """A private $DEPTHFOLD_CACHE beside the output directory."""
+    before = os.environ.get("DEPTHFOLD_CACHE")
+    os.environ["DEPTHFOLD_CACHE"] = str(out.parent / "cache")
+    try:
+        yield out.parent / "cache"
+    finally:
+        if before is None:
+            del os.environ["DEPTHFOLD_CACHE"]
+        else:
+            os.environ["DEPTHFOLD_CACHE"] = before
+
+
+def _relus(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return Relus().eval().to(dtype)
+
+
+def _float64_layermerge(out: Path) -> object:
+    with _own_cache(out):
+        return depthfold.optimize(_relus(torch.float64), (X.double(),), ["layermerge:speedup=1.2"]).save(out)
+
+
+def _time_budget(out: Path) -> object:
+    with _own_cache(out):
+        return depthfold.optimize(_relus(), (X,), ["layermerge:speedup=1.2,time_budget_s=1e-9"]).save(out)
+
+
+def _corrupt_cache_entry(out: Path) -> str:
+    from depthfold.backends import LatencyProbe
+    from depthfold.passes.layermerge.candidates import enumerate_choices
+    from depthfold.passes.layermerge.latency_table import build_latency_table
+    from depthfold.passes.layermerge.trunk import analyze_trunk
+
+    gm = depthfold.ir.capture(_relus(), (X,)).graph_module
+    trunk = analyze_trunk(gm)
+    choices = enumerate_choices(trunk)
+    probe = LatencyProbe(repeat=2, warmup=1)
+    with _own_cache(out) as cache:
+        build_latency_table(gm, trunk, choices, probe, executor="serial")
+        entry = sorted((cache / "layermerge" / "latency").glob("*.json"))[0]
+        entry.write_bytes(entry.read_bytes()[:20])
+        again = build_latency_table(gm, trunk, choices, probe, executor="serial")
+    return (f"the entry is detected ({again.rejected_entries} rejected), deleted and measured again "
+            f"({again.measured} measured, {again.cache_hits} read from the cache)")
+
+
 def _cuda_model(out: Path) -> object:
     return depthfold.optimize(_small(), (X,), device="cuda").measure()
 
@@ -118,6 +178,8 @@ CASES = [
          lambda out: depthfold.optimize(_small(torch.float16), (X.half(),)).save(out), None),
     Case("model", "bfloat16 model and inputs",
          lambda out: depthfold.optimize(_small(torch.bfloat16), (X.bfloat16(),)), None),
+    Case("model", "a float64 CNN for LayerMerge, timed on ONNX Runtime (no float64 Conv kernel)", _float64_layermerge,
+         DepthfoldError),
     Case("model", "timing on this machine's GPU (`device=\"cuda\"`) where there is none", _cuda_model, DepthfoldError),
     Case("inputs", "an empty batch (shape 0x3x8x8)",
          lambda out: depthfold.optimize(_small(), (torch.randn(0, 3, 8, 8),)), DepthfoldError),
@@ -143,11 +205,14 @@ CASES = [
          lambda out: depthfold.optimize(_small(), (X,), ["fold_bn:epsilon=1"]), DepthfoldError),
     Case("passes", "a merge whose merged kernel costs more than the bound allows (`max_cost_ratio=1.5`)",
          _costly_merge, None),
+    Case("passes", "LayerMerge tables that outlast their time budget (`time_budget_s=1e-9`)", _time_budget,
+         DepthfoldError),
     Case("cli", "`depthfold optimize zoo:resnet99`", _cli("optimize", "zoo:resnet99", "--out", "{out}"), SystemExit),
     Case("cli", "`depthfold optimize model.txt`", _cli("optimize", "model.txt", "--out", "{out}"), SystemExit),
     Case("cli", "`depthfold optimize zoo:resnet18 --input-shape 1,3,-2` (a zoo model has its own inputs)",
          _cli("optimize", "zoo:resnet18", "--input-shape", "1,3,-2", "--out", "{out}"), SystemExit),
     Case("files", "a truncated ONNX file to `depthfold bench`", _truncated_onnx, SystemExit),
+    Case("files", "a truncated latency-table cache entry", _corrupt_cache_entry, None),
     Case("files", "a bench report from a newer schema major version", _newer_report, SystemExit),
     Case("files", "an output path that is an existing file",
          lambda out: depthfold.optimize(_small(), (X,)).save(out.parent / "taken.txt"), DepthfoldError),

@@ -149,7 +149,11 @@ def create_session(
         session = ort.InferenceSession(source, sess_options=opts, providers=providers)
     except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types, all meaning "cannot load"
         where = repr(str(model)) if isinstance(model, (str, Path)) else "the model"
-        raise ArtifactError(f"ONNX Runtime cannot load {where}: {str(err).strip().splitlines()[0]}") from err
+        text = str(err).strip().splitlines()[0]
+        hint = ("; ONNX Runtime has kernels for fewer dtypes than torch (its CPU Conv has none for float64): "
+                "cast the model and inputs with .float(), or time it on backend='torch'"
+                if "NOT_IMPLEMENTED" in text else "")
+        raise ArtifactError(f"ONNX Runtime cannot load {where}: {text}{hint}") from err
     if device == "cuda" and session.get_providers()[0] != _PROVIDERS["cuda"]:
         # ORT silently falls back to CPU when the CUDA/cuDNN libraries fail to load.
         raise BackendUnavailableError(

@@ -11,9 +11,10 @@ transformer blocks contain and what passes rewrite:
 * squeeze-excite gates, LayerNorm over channels;
 * an attention block over the flattened pixels, whose Q/K/V read one tensor (where fuse_qkv applies).
 
-The head pools and classifies with one or two linears (a linear chain). Weights, running statistics and
-inputs are random; models are in eval mode. The draw is a plain list of dicts, so hypothesis shrinks a
-failing model to its smallest form and prints it.
+The head pools and classifies with one or two linears (a linear chain). :func:`trunk_spec` draws CNN trunks
+in the same format (stem, residual, inverted-residual and strided blocks), and :func:`stack_spec` transformer
+stacks. Weights, running statistics and inputs are random; models are in eval mode. The draw is a plain list
+of dicts, so hypothesis shrinks a failing model to its smallest form and prints it.
 """
 
 from __future__ import annotations
@@ -114,6 +115,37 @@ def model_spec(draw: st.DrawFn) -> dict[str, Any]:
     return {"in": channels, "size": draw(st.integers(6, 14)), "batch": draw(st.integers(1, 2)), "ops": ops,
             "head": draw(st.lists(st.integers(2, 10), min_size=1, max_size=2)), "seed": draw(st.integers(0, 2**16)),
             "dtype": draw(st.sampled_from(["float32", "float32", "float64"]))}
+
+
+@st.composite
+def trunk_spec(draw: st.DrawFn) -> dict[str, Any]:
+    """A CNN trunk in the same spec format, shaped like the networks LayerMerge and early exits are for: a
+    conv-BN-activation stem, then 2-5 basic residual, inverted-residual (expand, depthwise, project) or
+    plain strided blocks."""
+    c = draw(st.sampled_from([4, 6, 8]))
+
+    def conv(out: int, k: int, stride: int = 1, groups: int = 1) -> dict[str, Any]:
+        return {"op": "conv", "out": out, "k": k, "groups": groups, "stride": stride, "dilation": 1,
+                "padding": "same", "bias": False}
+
+    def act() -> dict[str, Any]:
+        return {"op": "act", "kind": draw(st.sampled_from(sorted(ACTIVATIONS)))}
+
+    ops = [conv(c, 3, draw(st.sampled_from([1, 2]))), {"op": "bn"}, act()]
+    for _ in range(draw(st.integers(2, 5))):
+        kind = draw(st.sampled_from(["basic", "inverted", "plain"]))
+        if kind == "basic":
+            ops += [{"op": "residual", "body": [conv(c, 3), {"op": "bn"}, act(), conv(c, 3), {"op": "bn"}]}, act()]
+        elif kind == "inverted":
+            e = c * draw(st.sampled_from([2, 3]))
+            ops.append({"op": "residual", "body": [conv(e, 1), {"op": "bn"}, act(), conv(e, 3, groups=e), {"op": "bn"},
+                                                   act(), conv(c, 1), {"op": "bn"}]})
+        else:
+            out = draw(st.sampled_from([c, 2 * c]))
+            ops += [conv(out, 3, draw(st.sampled_from([1, 2]))), {"op": "bn"}, act()]
+            c = out
+    return {"in": draw(st.integers(1, 4)), "size": draw(st.integers(8, 16)), "batch": 1, "ops": ops,
+            "head": [draw(st.integers(2, 10))], "seed": draw(st.integers(0, 2**16)), "dtype": "float32"}
 
 
 class _SE(nn.Module):
@@ -238,3 +270,105 @@ def build(spec: dict[str, Any]) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     model = model.eval().to(dtype)
     x = torch.randn(spec["batch"], spec["in"], spec["size"], spec["size"], generator=gen).to(dtype)
     return model, (x,)
+
+
+# ------------------------------------------------------------------------------------------ transformer stacks
+# Token ids -> embedding -> blocks -> final norm -> logits over the vocabulary, as decoder and encoder language
+# models are built: pre-norm (LayerNorm or RMSNorm) residual blocks, attention through scaled_dot_product_attention
+# or spelled out as matmul -> softmax -> matmul, causal or not, grouped K/V heads, a GELU or SwiGLU MLP.
+
+
+@st.composite
+def stack_spec(draw: st.DrawFn) -> dict[str, Any]:
+    heads = draw(st.sampled_from([1, 2, 4]))
+    return {"vocab": draw(st.integers(8, 40)), "dim": heads * draw(st.sampled_from([4, 8])), "heads": heads,
+            "kv_heads": draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0])),
+            "blocks": draw(st.integers(2, 5)), "norm": draw(st.sampled_from(["layernorm", "rmsnorm"])),
+            "attention": draw(st.sampled_from(["sdpa", "matmul"])), "causal": draw(st.booleans()),
+            "mlp": draw(st.sampled_from(["gelu", "swiglu"])), "hidden": draw(st.sampled_from([8, 16, 24])),
+            "bias": draw(st.booleans()), "seq": draw(st.integers(3, 12)), "batch": draw(st.integers(1, 2)),
+            "seed": draw(st.integers(0, 2**16))}
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, s: dict[str, Any]) -> None:
+        super().__init__()
+        d, self.heads, self.kv_heads = s["dim"], s["heads"], s["kv_heads"]
+        self.hd, self.causal, self.sdpa = d // self.heads, s["causal"], s["attention"] == "sdpa"
+        self.q_proj = nn.Linear(d, d, bias=s["bias"])
+        self.k_proj = nn.Linear(d, self.kv_heads * self.hd, bias=s["bias"])
+        self.v_proj = nn.Linear(d, self.kv_heads * self.hd, bias=s["bias"])
+        self.o_proj = nn.Linear(d, d, bias=s["bias"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.hd).transpose(1, 2)
+        k, v = (p(x).view(b, t, self.kv_heads, self.hd).transpose(1, 2) for p in (self.k_proj, self.v_proj))
+        k, v = (z.repeat_interleave(self.heads // self.kv_heads, dim=1) for z in (k, v))
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            scores = q @ k.transpose(-2, -1) / self.hd ** 0.5
+            if self.causal:
+                scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+            y = scores.softmax(-1) @ v
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _MLP(nn.Module):
+    def __init__(self, s: dict[str, Any]) -> None:
+        super().__init__()
+        d, h, self.swiglu = s["dim"], s["hidden"], s["mlp"] == "swiglu"
+        self.up = nn.Linear(d, h, bias=s["bias"])
+        self.gate = nn.Linear(d, h, bias=s["bias"]) if self.swiglu else None
+        self.down = nn.Linear(h, d, bias=s["bias"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x) if self.gate is not None else F.gelu(self.up(x)))
+
+
+def _norm(s: dict[str, Any]) -> nn.Module:
+    return nn.LayerNorm(s["dim"]) if s["norm"] == "layernorm" else _RMSNorm(s["dim"])
+
+
+class _Block(nn.Module):
+    def __init__(self, s: dict[str, Any]) -> None:
+        super().__init__()
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = _norm(s), _SelfAttention(s), _norm(s), _MLP(s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class StackNet(nn.Module):
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(spec["vocab"], spec["dim"])
+        self.layers = nn.ModuleList(_Block(spec) for _ in range(spec["blocks"]))
+        self.norm = _norm(spec)
+        self.lm_head = nn.Linear(spec["dim"], spec["vocab"], bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.layers:
+            x = block(x)
+        return self.lm_head(self.norm(x))
+
+
+def build_stack(spec: dict[str, Any]) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The transformer and example token ids for ``spec``; random weights from its seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec["seed"])
+        model = StackNet(spec).eval()
+        ids = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]))
+    return model, (ids,)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Hashable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 
 from ..._atomic import atomic_write
 from ...cache import cache_lock
+from ...errors import TimeBudgetError
 
 __all__ = ["TableFill", "entry_path", "fill_table", "load_entry", "store_entry"]
 
@@ -72,12 +74,13 @@ class TableFill:
 
 def fill_table(root: Path, keys: dict[Hashable, str],
                compute: Callable[[list[Hashable], Callable[[Hashable, dict[str, Any]], None]], Any], *,
-               use_cache: bool, what: str) -> TableFill:
+               use_cache: bool, what: str, deadline: float | None = None) -> TableFill:
     """Each entry of ``keys`` (id -> cache key) read from ``root`` or computed by ``compute(ids, store)``,
     which calls ``store(id, result)`` as each entry finishes (stored at once, so a stopped build resumes).
 
     Missing entries are computed holding ``root``'s lock: a process that waited for it first reads what the
-    holder stored. ``use_cache=False`` reads, writes and locks nothing."""
+    holder stored. ``use_cache=False`` reads, writes and locks nothing. Past ``deadline`` (a
+    ``time.monotonic()`` value) the build stops after the entry in progress with :class:`TimeBudgetError`."""
     results: dict[Any, dict[str, Any]] = {}
     rejected = 0
 
@@ -105,6 +108,13 @@ def fill_table(root: Path, keys: dict[Hashable, str],
                 results[i] = result
                 if use_cache:
                     store_entry(entry_path(root, keys[i]), keys[i], result)
+                left = len(keys) - len(results)
+                if deadline is not None and left and time.monotonic() > deadline:
+                    kept = ("they are cached, so rerunning continues from them" if use_cache else
+                            "use_cache is off, so they are lost")
+                    raise TimeBudgetError(f"{what} reached its time budget with {left} of {len(keys)} entries "
+                                          f"still to compute ({len(results)} done; {kept}); raise time_budget_s "
+                                          "or rerun")
 
             if todo:
                 ran = compute(todo, store)

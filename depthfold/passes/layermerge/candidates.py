@@ -255,9 +255,10 @@ def _segment_choices(trunk: Trunk, start: int, end: int, mode: Mode, max_kernel:
     absorbed = tuple(j.node for j in inner_joins)
     prunable = [layer for layer in layers if layer.prunable] if mode != "depth" else []
     out: list[SegmentChoice] = []
-    if not removed and not inner_joins and end == start + 1:
+    if not removed and end == start + 1:
         # Only one position wide: a wider unchanged segment is the chain of these, and timing it as one
-        # model would price the same layers differently from the single-position pieces.
+        # model would price the same layers differently from the single-position pieces. A residual block
+        # with no activation in its body lies inside one position, its add included.
         out.append(SegmentChoice(start, end, "original", kept=tuple(lay.conv for lay in layers)))
     best: dict[tuple[object, ...], tuple[tuple[int, int], SegmentChoice]] = {}
     for pruned in _prune_subsets(prunable):

@@ -87,6 +87,9 @@ class LayerMergeConfig:
     use_cache: bool = True
     """Reuse cached table entries: latency keyed by backend, device, versions and layer; importance by
     graph, weights, calibration data, estimator settings and candidate."""
+    time_budget_s: float = 0.0
+    """Stop building the latency and importance tables after this many seconds (0: no limit) with a
+    :class:`~depthfold.errors.TimeBudgetError`; the entries finished by then are cached, so rerunning continues."""
     replan: int = 4
     """Measure the planned network and re-solve with the budget corrected by the error, up to this many
     times (0: trust the table)."""
@@ -107,6 +110,8 @@ def _check(config: LayerMergeConfig) -> None:
             raise ConfigError(f"layermerge {name} must be >= 1, got {getattr(config, name)}")
     if not 0.0 <= config.tolerance < 1.0:
         raise ConfigError(f"layermerge tolerance must lie in [0, 1), got {config.tolerance}")
+    if not config.time_budget_s >= 0.0:
+        raise ConfigError(f"layermerge time_budget_s must be >= 0 (0: no limit), got {config.time_budget_s}")
     for name in ("importance_steps", "recover_steps", "replan"):
         if getattr(config, name) < 0:
             raise ConfigError(f"layermerge {name} must be >= 0, got {getattr(config, name)}")
@@ -138,15 +143,16 @@ def layermerge(gm: GraphModule, config: LayerMergeConfig, context: PassContext) 
     timings["enumerate_s"] = time.perf_counter() - clock
     calib = calibration_split(context.data, inputs, names=ir.input_names(gm), eval_samples=config.eval_samples,
                               train_samples=config.train_samples, batch_size=config.batch_size, seed=context.seed)
+    deadline = time.monotonic() + config.time_budget_s if config.time_budget_s else None
     latency = build_latency_table(gm, trunk, choices, context.latency_probe, executor=context.executor,
-                                  use_cache=config.use_cache, progress=context.progress)
+                                  use_cache=config.use_cache, progress=context.progress, deadline=deadline)
     # The median of separate measurements: every target and the fixed part hang on this one number, and a
     # single measurement on a shared machine is sometimes 10-20% slow.
     whole_ms = statistics.median(float(context.latency_probe.measure(gm, inputs)["median_ms"])
                                  for _ in range(_WHOLE_MEASUREMENTS))
     importance = build_importance_table(gm, trunk, choices, calib, estimator=config.importance,
                                         steps=config.importance_steps, lr=config.lr, use_cache=config.use_cache,
-                                        executor=context.executor, progress=context.progress)
+                                        executor=context.executor, progress=context.progress, deadline=deadline)
 
     originals = {c.start: i for i, c in enumerate(choices)
                  if c.end == c.start + 1 and c.kind in ("original", "barrier")}

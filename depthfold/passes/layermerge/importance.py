@@ -104,14 +104,16 @@ class _Shared:
 
 def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], calib: Calibration, *,
                            estimator: Estimator = "local", steps: int = 30, lr: float = 1e-3,
-                           use_cache: bool = True, executor: Any = None, progress: bool = False) -> ImportanceTable:
+                           use_cache: bool = True, executor: Any = None, progress: bool = False,
+                           deadline: float | None = None) -> ImportanceTable:
     """Score every candidate of ``choices`` on ``calib`` with ``estimator`` (``gm`` is not modified).
 
     Entries are cached on disk, keyed by the graph and its weights, the calibration data, the estimator
     settings and the candidate, so rerunning on the same model and data only reads them back. Candidates
     not cached are scored as independent jobs on ``executor`` (``None``, ``"serial"``, ``"process"``,
     ``"ray"`` or a ``concurrent.futures.Executor``, see :func:`~depthfold.passes.common.jobs.run_jobs`);
-    the table is the same wherever they run, and records where that was.
+    the table is the same wherever they run, and records where that was. ``deadline``: see
+    :func:`~depthfold.passes.common.table_cache.fill_table`.
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown importance estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
@@ -143,7 +145,7 @@ def build_importance_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segm
         return run_jobs(_score_candidate, _jobs(gm, trunk, [choices[i] for i in todo], calib, estimator), stored,
                         shared=shared, executor=executor, progress=progress, desc="importance")
 
-    table = fill_table(root, keys, score, use_cache=use_cache, what="an importance table")
+    table = fill_table(root, keys, score, use_cache=use_cache, what="the importance table", deadline=deadline)
     results.update(table.results)
     cache_hits, where = table.hits, table.ran
     metric = [float(results[i]["metric"]) for i in range(len(choices))]

@@ -142,7 +142,7 @@ def choice_spec(gm: GraphModule, trunk: Trunk, choice: SegmentChoice) -> LayerSp
     for item in items:
         if isinstance(item, Layer) and choice.kind != "merged" and item.conv in kept:
             ops.extend(_conv_ops(item))
-        elif isinstance(item, Join) and item.entry < choice.start:
+        elif isinstance(item, Join) and (item.entry < choice.start or choice.kind != "merged"):
             shape = tuple(trunk.positions[item.entry].shape)
             ops.append(("add", shape, tuple(op for s in item.side for op in _conv_ops(s))))
         elif isinstance(item, Act) and item is items[-1]:
@@ -194,11 +194,13 @@ class LatencyTable:
 
 
 def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[SegmentChoice], probe: Any, *,
-                        executor: Any = None, use_cache: bool = True, progress: bool = False) -> LatencyTable:
+                        executor: Any = None, use_cache: bool = True, progress: bool = False,
+                        deadline: float | None = None) -> LatencyTable:
     """Measure every candidate of ``choices`` with ``probe`` (cached; identical layers timed once).
 
     ``probe``: a :class:`~depthfold.backends.LatencyProbe` or anything with its ``fingerprint()``,
-    ``measure_layer(model, inputs)`` and ``layer_scope``."""
+    ``measure_layer(model, inputs)`` and ``layer_scope``. ``deadline``: see
+    :func:`~depthfold.passes.common.table_cache.fill_table`."""
     if probe is None:
         raise ConfigError("layermerge needs a latency probe to build its table: run it through "
                           "depthfold.optimize(...) or give PassContext(latency_probe=LatencyProbe(...))")
@@ -224,7 +226,7 @@ def build_latency_table(gm: GraphModule, trunk: Trunk, choices: Sequence[Segment
                  executor=executor, threads_per_job=int(fingerprint.get("threads", 1)), progress=progress,
                  desc="latency table")
 
-    table = fill_table(root, keys, measure, use_cache=use_cache, what="a latency table")
+    table = fill_table(root, keys, measure, use_cache=use_cache, what="the latency table", deadline=deadline)
     results = table.results
     medians, p10s, p90s = [], [], []
     for spec in specs:

@@ -376,17 +376,18 @@ class _Walker:
         body_first, body_last, body_arg, side, side_nodes = parsed
         entry_boundary = len(items)
         forks.add(entry_boundary)
-        body_items: list[Item] = []
-        last = self.walk(fork, body_last, body_first, body_items, forks)
+        # The body is walked into ``items`` itself, so blocks nested in it record their forks at their
+        # boundaries in the whole trunk. A body with barriers inside (a squeeze-excite gate, a pool, a norm) is
+        # a nested trunk: its chains between the barriers are segments, the block's fork and join positions.
+        last = self.walk(fork, body_last, body_first, items, forks)
         if last is not body_last:
-            # Roll back: the block is opaque. Drop barriers the body walk recorded.
+            # Roll back: the block is opaque. Drop what the body walk recorded.
+            body_items = items[entry_boundary:]
+            del items[entry_boundary:]
             self.barriers = [b for b in self.barriers if b not in body_items]
             forks.discard(entry_boundary)
             forks -= {b for b in forks if b > entry_boundary}
             return self._barrier([*region, join], "residual body does not lead to its add", items)
-        # A body with barriers inside (a squeeze-excite gate, a pool, a norm) is a nested trunk: its chains
-        # between the barriers are segments, the block's fork and join stay positions.
-        items.extend(body_items)
         out = join
         while len(out.users) == 1 and ops.is_identity(next(iter(out.users))):
             out = next(iter(out.users))

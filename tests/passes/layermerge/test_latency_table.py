@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from depthfold.backends import LatencyProbe
-from depthfold.errors import ConfigError
+from depthfold.errors import ConfigError, TimeBudgetError
 from depthfold.passes.layermerge.candidates import enumerate_choices
 from depthfold.passes.layermerge.latency_table import LayerSpec, build_latency_table, choice_spec
 from depthfold.passes.layermerge.trunk import analyze_trunk
@@ -275,3 +276,27 @@ def test_layers_of_a_network_too_big_for_the_cache_are_timed_cold(tiny_cnn, tmp_
     table = build_latency_table(gm, trunk, choices, probe, executor="serial")
     assert table.cold is cold and table.summary()["cold_weights"] is cold
     assert probe.calls and set(probe.calls) == {cold}
+
+
+def test_a_time_budget_stops_the_build_after_the_entry_in_progress_and_keeps_it(tiny_cnn, probe, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setenv("DEPTHFOLD_CACHE", str(tmp_path))
+    gm, trunk, choices = tiny_cnn
+    with pytest.raises(TimeBudgetError, match=r"time budget with \d+ of \d+ entries still to compute \(1 done; "
+                                              r"they are cached"):
+        build_latency_table(gm, trunk, choices, probe, executor="serial", deadline=time.monotonic())
+    assert len(cache_files(tmp_path)) == 1
+    resumed = build_latency_table(gm, trunk, choices, probe, executor="serial", deadline=time.monotonic() + 3600)
+    assert (resumed.cache_hits, resumed.measured) == (1, resumed.distinct_layers - 1)
+
+
+def test_layermerge_time_budget_is_checked_and_reaches_the_tables(tiny_cnn, tmp_path, monkeypatch):
+    import depthfold
+
+    monkeypatch.setenv("DEPTHFOLD_CACHE", str(tmp_path))
+    model = UnseenCNN(width=4).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ConfigError, match="time_budget_s must be >= 0"):
+        depthfold.optimize(model, x, ["layermerge:speedup=1.5,time_budget_s=-1"])
+    with pytest.raises(TimeBudgetError, match="the latency table reached its time budget"):
+        depthfold.optimize(model, x, ["layermerge:speedup=1.5,time_budget_s=1e-9"])
