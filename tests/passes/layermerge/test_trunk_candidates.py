@@ -11,6 +11,8 @@ import pytest
 from torch import nn
 
 from depthfold.errors import ConfigError
+from depthfold.passes.layermerge.candidates import enumerate_choices
+from depthfold.passes.layermerge.latency_table import choice_spec
 from depthfold.passes.layermerge.trunk import Act, Barrier, Join, Layer, Trunk, analyze_trunk
 from depthfold.zoo.mobilenetv2 import InvertedResidual
 from depthfold.zoo.resnet import BasicBlock, Bottleneck
@@ -174,3 +176,46 @@ def test_enumerate_choices_modes(cnn_case, name: str) -> None:
     check_choices(trunk, layer)
     assert all(not c.removed_acts for c in layer), "layer mode keeps every activation"
     assert any(c.pruned for c in layer)
+
+
+# ------------------------------------------------------------------------------- found by the fuzzer
+
+
+class _Residual(nn.Module):
+    def __init__(self, *body: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*body)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return x + self.body(x)
+
+
+def test_a_residual_nested_in_a_residual_body_keeps_its_own_shortcut_position() -> None:
+    """The inner block forks after the outer body's first conv: its add reads that position (8 channels), not
+    the outer block's entry (4 channels)."""
+    inner = _Residual(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    outer = _Residual(nn.Conv2d(4, 8, 1), nn.ReLU(), inner, nn.ReLU(), nn.Conv2d(8, 4, 1))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), outer, nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    gm, _ = capture(model, 8)
+    trunk = analyze_trunk(gm)
+    joins = [i for i in trunk.items if isinstance(i, Join)]
+    assert len(joins) == 2
+    for join in joins:
+        node = next(n for n in gm.graph.nodes if n.name == join.node)
+        shortcut = node.args[1 - join.body_arg]
+        assert trunk.positions[join.entry].node == shortcut.name, join
+    check_choices(trunk, enumerate_choices(trunk))
+
+
+def test_a_residual_block_without_activation_inside_has_an_original_candidate() -> None:
+    """``x + dwconv(x)`` lies inside one position, its add included: that position still has its original."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), _Residual(nn.Conv2d(6, 6, 3, padding=1, groups=6)),
+                          nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    gm, _ = capture(model, 8)
+    trunk = analyze_trunk(gm)
+    choices = enumerate_choices(trunk)
+    check_choices(trunk, choices)
+    (original,) = [c for c in choices if c.kind == "original" and any(isinstance(i, Join) for i in
+                                                                      trunk.between(c.start, c.end))]
+    spec = choice_spec(gm, trunk, original)
+    assert [op[0] for op in spec.ops] == ["conv", "add"]  # timed with its add
