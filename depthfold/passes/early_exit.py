@@ -310,15 +310,18 @@ def _pooled_features(gm: GraphModule, cuts: Sequence[Cut], samples: Any, batch_s
 def _train_head(features: torch.Tensor, teacher: torch.Tensor, channel_dim: int, classes: int,
                 config: EarlyExitConfig, seed: int) -> ExitHead:
     """A linear head on pooled features distilled from the teacher's logits; trained on standardised features,
-    then the standardisation is folded into its weights."""
-    head = ExitHead(features.shape[1], classes, channel_dim)
+    then the standardisation is folded into its weights. It trains in float32 at least and is stored in the
+    network's dtype."""
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    head = ExitHead(features.shape[1], classes, channel_dim).to(features.dtype)
+    features, teacher = features.to(dtype), teacher.to(dtype)
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     x = (features - mean) / std
     target = F.softmax(teacher / config.temperature, dim=-1)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        linear = nn.Linear(features.shape[1], classes)
+        linear = nn.Linear(features.shape[1], classes, dtype=dtype)
     optimizer = torch.optim.Adam(linear.parameters(), lr=config.lr)
     batch = min(256, len(x))
     for _ in range(config.steps):

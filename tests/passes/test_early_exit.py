@@ -327,3 +327,20 @@ def test_early_exit_must_be_the_last_pass(cnn, digits) -> None:  # type: ignore[
     train, test = digits
     with pytest.raises(PreconditionError, match="early_exit must be the last pass.*run 'recover' before"):
         depthfold.optimize(cnn, test.tensors[0][:1], ["early_exit:after=0", "recover"], data=train)
+
+
+def test_a_float64_network_gets_float64_heads(cnn, digits) -> None:  # type: ignore[no-untyped-def]
+    """Found by the fuzzer: heads were built in float32 and failed on a float64 network's features."""
+    import copy
+
+    train, test = digits
+    model = copy.deepcopy(cnn).double()
+    res = depthfold.optimize(model, test.tensors[0][:1].double(), [f"early_exit:after=1,{FAST}"],
+                             data=train.tensors[0][:256].double(), backend="torch")
+    x = test.tensors[0][:32].double()
+    with torch.no_grad():
+        out = res.module(x)
+        assert out.dtype == torch.float64
+        assert all(p.dtype == torch.float64 for p in res.module.parameters())
+        agree = (out.argmax(1) == model(x).argmax(1)).float().mean().item()
+    assert agree > 0.8
