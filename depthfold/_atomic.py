@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -32,21 +33,26 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     """Call ``write(tmp_path)`` and move the result to ``path`` atomically; nothing is left half-written."""
     target = Path(path)
     ensure_writable_dir(target.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         # mkstemp creates 0600 files; give the artifact the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
-    except OSError as err:  # a full disk, a vanished directory: say where, and leave nothing behind
-        tmp.unlink(missing_ok=True)
-        raise ArtifactError(f"could not write {str(target)!r}: {err.strerror or err}; free some space or choose "
-                            "another output directory (nothing was written there)") from err
+    except OSError as err:  # a full disk, a read-only file system, a vanished directory: say where, leave nothing
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        fix = "free some space or choose another output directory" if err.errno == errno.ENOSPC else \
+            "choose another output directory"
+        raise ArtifactError(f"could not write {str(target)!r}: {err.strerror or err}; {fix} (nothing was written "
+                            "there)") from err
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return target

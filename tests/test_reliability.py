@@ -85,6 +85,20 @@ def _full_disk(out: Path) -> object:
     return _atomic.atomic_write(out / "report.json", no_space) and res
 
 
+def _read_only(out: Path) -> object:
+    res = depthfold.optimize(_small(), (X,))
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    real = _atomic.tempfile.mkstemp
+    _atomic.tempfile.mkstemp = read_only  # type: ignore[assignment]
+    try:
+        return res.save(out)
+    finally:
+        _atomic.tempfile.mkstemp = real  # type: ignore[assignment]
+
+
 def _truncated_onnx(out: Path) -> object:
     path = out.parent / "truncated.onnx"
     depthfold.optimize(_small(), (X,)).export_onnx(path)
@@ -194,6 +208,9 @@ CASES = [
     Case("data", "empty calibration data",
          lambda out: depthfold.optimize(_small(), (X,), ["recover:steps=1"], data=torch.empty(0, 3, 8, 8)),
          DepthfoldError),
+    Case("data", "calibration data of one sample (LayerMerge)",
+         lambda out: depthfold.optimize(_relus(), (X,), ["layermerge:speedup=1.2"], data=torch.randn(1, 3, 8, 8)),
+         DepthfoldError),
     Case("data", "calibration data of the wrong shape",
          lambda out: depthfold.optimize(_small(), (X,), ["recover:steps=1"], data=torch.randn(8, 5)),
          DepthfoldError),
@@ -217,6 +234,7 @@ CASES = [
     Case("files", "an output path that is an existing file",
          lambda out: depthfold.optimize(_small(), (X,)).save(out.parent / "taken.txt"), DepthfoldError),
     Case("files", "the disk fills while a report is written", _full_disk, DepthfoldError),
+    Case("files", "a read-only output file system (the write fails with EROFS)", _read_only, DepthfoldError),
 ]
 
 
