@@ -36,7 +36,7 @@ test: $(STAMP) arm-lane browser
 	$(PY) -m pytest -q -ra
 
 # Differential fuzzing on random models (tests/fuzz), random seeds: 2,000 CNNs through the exact passes, and
-# 400 per test of CNN trunks, transformer stacks and the approximate passes; make test runs a fixed slice.
+# 200 per test of CNN trunks, transformer stacks and the approximate passes; make test runs a fixed slice.
 # DEPTHFOLD_FUZZ_EXAMPLES=N sets the count.
 fuzz: $(STAMP)
 	DEPTHFOLD_FUZZ_EXAMPLES=$${DEPTHFOLD_FUZZ_EXAMPLES:-2000} DEPTHFOLD_FUZZ_RANDOM=1 \

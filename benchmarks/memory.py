@@ -36,7 +36,7 @@ from depthfold.report import environment
 
 RESULTS = Path(__file__).parent / "results"
 JOBS = ("eager", "capture", "exact", "export", "layermerge")
-LAYERMERGE = "layermerge:speedup=1.3,importance=zero_shot,eval_samples=32,train_samples=64,recover_steps=0"
+LAYERMERGE = "layermerge:speedup=1.15,importance=zero_shot,eval_samples=32,train_samples=64,recover_steps=0"
 
 CHILD = '''
 import json, resource, sys, tempfile, time
