@@ -378,7 +378,7 @@ class _Walker:
         forks.add(entry_boundary)
         # The body is walked into ``items`` itself, so blocks nested in it record their forks at their
         # boundaries in the whole trunk. A body with barriers inside (a squeeze-excite gate, a pool, a norm) is
-        # a nested trunk: its chains between the barriers are segments, the block's fork and join positions.
+        # a nested trunk: its chains between the barriers are segments, and the block's fork and join stay positions.
         last = self.walk(fork, body_last, body_first, items, forks)
         if last is not body_last:
             # Roll back: the block is opaque. Drop what the body walk recorded.
